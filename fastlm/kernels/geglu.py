@@ -1,0 +1,190 @@
+"""GeGLU: y = gelu(gate) * up, exact (erf) or tanh-approximated gelu, forward and backward, in Triton.
+
+transformers computes `act_fn(gate_proj(x)) * up_proj(x)` in the input dtype, with act_fn
+`gelu` (GELUActivation: F.gelu, exact erf) or `gelu_pytorch_tanh` (GELUTanh, Gemma:
+F.gelu(approximate="tanh")); gelu(gate) is rounded to the dtype, then the product again. Here the
+activation and the product are fp32 inside, rounded once at the store:
+
+    exact ("none"): gelu(g) = g * Phi(g),  Phi(g) = 0.5 * (1 + erf(g / sqrt(2)))  (PyTorch's formula)
+                    gelu'(g) = Phi(g) + g * exp(-g^2 / 2) / sqrt(2 pi)
+    tanh:           z = sqrt(2/pi) * (g + 0.044715 g^3);  gelu(g) = 0.5 g (1 + tanh z) = g * sigmoid(2z)
+                    gelu'(g) = sigmoid(2z) + 2 g sigmoid(2z) (1 - sigmoid(2z)) sqrt(2/pi) (1 + 3 * 0.044715 g^2)
+(0.5 (1 + tanh z) = sigmoid(2z) exactly; the sigmoid form has no cancellation for negative g and needs
+no tanh, whose libdevice version the Triton interpreter lacks.)
+
+Shapes: gate and up (..., N), same shape and dtype (fp32/fp16/bf16); the last dimension must have
+stride 1 after flattening the leading ones to rows, otherwise a contiguous copy is made. y is a new
+contiguous (..., N) tensor of the same dtype.
+
+Forward saves gate and up (not the activation); backward recomputes the activation:
+    dup = dy * gelu(g),   dgate = dy * up * gelu'(g)
+
+In-place backward: dgate and dup are written into the storage of the saved gate and up when
+`inplace_backward=True` (the default) and both are intermediate results of the autograd graph (their
+storage's owner has a grad_fn) and not the same tensor. Safe when nothing else reads gate/up after this
+backward: true in an MLP, where they come straight out of gate_proj/up_proj (nn.Linear and PEFT LoRA's
+add save their inputs, not their outputs). NOT safe when the graph is backpropagated twice
+(retain_graph=True) or gate/up are saved by another op: pass inplace_backward=False then. Leaf tensors
+are never overwritten.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels._utils import next_power_of_2, use_triton
+
+# Tuning constants, chosen by rule; to be measured on the H200 with bench/kernel_ops/geglu.py.
+BLOCK = 1024  # columns per program (rule: 4 warps x 32 lanes x 8 elements = one 16-byte bf16 vector per
+# lane per tensor; 14336 = 14 x 1024, so no masked tail at Llama-3.1-8B's intermediate size).
+NUM_WARPS = 4  # see BLOCK.
+
+_APPROXIMATIONS = ("none", "tanh")
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """The definition, as transformers computes it: gelu in the input dtype, then the product."""
+    return torch.nn.functional.gelu(gate, approximate=approximate) * up
+
+
+@triton.jit
+def _gelu_and_grad(g, TANH: tl.constexpr):
+    """fp32 gelu(g) and gelu'(g)."""
+    if TANH:
+        sqrt_2_over_pi = 0.7978845608028654
+        kappa = 0.044715
+        g2 = g * g
+        s = tl.sigmoid(2.0 * sqrt_2_over_pi * g * (1.0 + kappa * g2))  # = 0.5 * (1 + tanh(z))
+        act = g * s
+        grad = s + 2.0 * g * s * (1.0 - s) * sqrt_2_over_pi * (1.0 + 3.0 * kappa * g2)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        grad = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    return act, grad
+
+
+@triton.jit
+def _geglu_fwd_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, n_col_blocks,
+                      TANH: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p handles row p // n_col_blocks, columns [BLOCK * (p % n_col_blocks), + BLOCK)."""
+    pid = tl.program_id(0)
+    row = (pid // n_col_blocks).to(tl.int64)
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    if TANH:
+        act = g * tl.sigmoid(1.5957691216057308 * g * (1.0 + 0.044715 * g * g))  # 2 * sqrt(2/pi)
+    else:
+        act = g * 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    tl.store(Y + row * stride_y + cols, (act * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
+                      n_col_blocks, TANH: tl.constexpr, BLOCK: tl.constexpr):
+    """Same tiling as the forward. DG/DU may be G/U themselves: each element is read before it is
+    written, by the same program."""
+    pid = tl.program_id(0)
+    row = (pid // n_col_blocks).to(tl.int64)
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    act, grad = _gelu_and_grad(g, TANH)
+    tl.store(DG + row * stride_dg + cols, (dy * u * grad).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + cols, (dy * act).to(DU.dtype.element_ty), mask=mask)
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests swap in a NaN-filled allocator to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride; a view whenever the layout allows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def _block_for(n: int) -> int:
+    """BLOCK, shrunk to the next power of 2 >= N for narrow rows."""
+    return min(BLOCK, next_power_of_2(n))
+
+
+def _grid(m: int, n: int) -> tuple[tuple[int], int]:
+    n_col_blocks = triton.cdiv(n, _block_for(n))
+    return (m * n_col_blocks,), n_col_blocks
+
+
+def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Host wrapper: gate, up (..., N) -> y (..., N) contiguous, same dtype."""
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    y = _alloc((m, n), gate.dtype, gate.device)
+    if y.numel():
+        grid, n_col_blocks = _grid(m, n)
+        _geglu_fwd_kernel[grid](g2, u2, y, n, g2.stride(0), u2.stride(0), y.stride(0), n_col_blocks,
+                                TANH=approximate == "tanh", BLOCK=_block_for(n), num_warps=NUM_WARPS)
+    return y.view(gate.shape)
+
+
+def geglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str,
+                   inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace."""
+    dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    m, n = g2.shape
+    if inplace:
+        dg, du = g2, u2
+    else:
+        dg, du = _alloc((m, n), gate.dtype, gate.device), _alloc((m, n), up.dtype, up.device)
+    if dg.numel():
+        grid, n_col_blocks = _grid(m, n)
+        _geglu_bwd_kernel[grid](dy2, g2, u2, dg, du, n, dy2.stride(0), g2.stride(0), u2.stride(0),
+                                dg.stride(0), du.stride(0), n_col_blocks, TANH=approximate == "tanh",
+                                BLOCK=_block_for(n), num_warps=NUM_WARPS)
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+def _graph_owned(x: torch.Tensor) -> bool:
+    """True when x's storage belongs to an intermediate result of the autograd graph."""
+    base = x if x._base is None else x._base
+    return base.grad_fn is not None
+
+
+class GeGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, approximate, inplace_backward):
+        ctx.approximate = approximate
+        ctx.inplace = (inplace_backward and _graph_owned(gate) and _graph_owned(up)
+                       and gate.data_ptr() != up.data_ptr())
+        ctx.save_for_backward(gate, up)
+        return geglu_forward(gate, up, approximate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = geglu_backward(dy, gate, up, ctx.approximate, ctx.inplace)
+        return dgate, dup, None, None
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none",
+          inplace_backward: bool = True) -> torch.Tensor:
+    """gelu(gate, approximate) * up, differentiable; falls back to `reference` where Triton cannot run.
+
+    Args:
+        gate, up: (..., N), same shape and dtype (fp32/fp16/bf16).
+        approximate: "none" (exact erf gelu, HF `gelu`) or "tanh" (HF `gelu_pytorch_tanh`, Gemma).
+        inplace_backward: allow the backward to write dgate/dup into gate's/up's storage (see the
+            module docstring for when that happens and why it is safe).
+    Returns:
+        (..., N) tensor of gate's dtype.
+    """
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
+    if gate.shape != up.shape or gate.dtype != up.dtype or not use_triton(gate, up):
+        return reference(gate, up, approximate)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return GeGLUFunction.apply(gate, up, approximate, inplace_backward)
+    return geglu_forward(gate, up, approximate)

@@ -1,0 +1,195 @@
+"""RMSNorm over the last dimension, forward and backward, in Triton.
+
+Two conventions of transformers, chosen by `gemma_style` (x: (..., N) fp32/fp16/bf16, w: (N,)):
+
+  Llama/Mistral/Qwen2/Qwen3/Phi3 (`LlamaRMSNorm`), gemma_style=False:
+      h = x.float() * rsqrt(mean(x.float()^2) + eps)
+      y = w * h.to(x.dtype)                     # rounded to x.dtype BEFORE the weight;
+                                                # y.dtype = promote_types(x.dtype, w.dtype)
+  Gemma/Gemma2/Gemma3 (`GemmaRMSNorm`), gemma_style=True:
+      y = (x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).to(x.dtype)
+
+Statistics are fp32. Forward saves x and rstd (fp32, one per row); backward recomputes
+x_hat = x * rstd and, per row, with g = dy * w (Gemma: dy * (1 + w)):
+      dx = rstd * (g - x_hat * mean(g * x_hat))        dw = sum_rows(dy * x_hat)
+dw is reduced in two steps: each program walks many rows and writes one fp32 partial row,
+the host sums the (programs, N) partials. Leading dimensions are flattened to rows.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels._utils import next_power_of_2, use_triton
+
+# Tuning constants (all chosen by rule; to be measured on the H200 with bench/kernel_ops/rms_norm.py,
+# which sweeps them). Shared by name and value with layer_norm.py.
+TILE_ELEMS = 4096  # a program handles ROWS rows of BLOCK columns at once, ROWS*BLOCK >= 4096, so short
+# rows (q/k-norm over head_dim 128) move as many bytes per step as one Llama hidden row (8 KB bf16).
+ELEMS_PER_WARP = 512  # warps per program = tile / 512, clamped to [4, 16]: 16 elements per lane, i.e.
+# two 16-byte bf16 vector loads in flight per lane per tensor (rule; 4096 -> 8 warps, as Liger uses).
+FWD_WARPS_PER_SM = 32  # persistent grid: programs = SMs * (32 // warps), half the H200's 64 warp slots,
+# which the forward's ~50 registers/thread allow to be resident at once (rule, not measured).
+# None launches one tile per program instead (the torch.compile/Liger layout).
+BWD_WARPS_PER_SM = 16  # backward keeps x, dy, w and the dw accumulator live (~90 registers/thread),
+# so a quarter of the warp slots; also sets how many fp32 partial dw rows the host sums (rule).
+MAX_COLS = 65536  # above this a row no longer fits in registers; such rows use the reference.
+_INTERPRETER_SMS = 2  # on the CPU interpreter: a small grid that still runs several programs.
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: bool = False) -> torch.Tensor:
+    """The definition, exactly as transformers' LlamaRMSNorm / GemmaRMSNorm compute it (differentiable)."""
+    if gemma_style:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
+        out = out * (1.0 + weight.float())
+        return out.type_as(x)
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(input_dtype)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+                         GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Persistent: program p normalises row tiles p, p + programs, ...; each tile is (ROWS, BLOCK)."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0)  # once per program, kept in its own dtype
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    for tile in range(pid, n_tiles, n_programs):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # (ROWS,) fp32
+        x_hat = x * rstd[:, None]
+        if GEMMA:
+            y = x_hat * (1.0 + w.to(tl.float32)[None, :])
+        else:  # round x_hat to the input dtype first, then the product (rounded at the store)
+            y = x_hat.to(X.dtype.element_ty).to(tl.float32) * w.to(tl.float32)[None, :]
+        tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                         GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Persistent like the forward; program p also writes its fp32 partial dw to DW_PARTIAL[p, :]."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    for tile in range(pid, n_tiles, n_programs):
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]  # zero on masked rows and columns
+        g = dy * w[None, :]
+        c = tl.sum(g * x_hat, axis=1) / n_cols
+        dx = (g - x_hat * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * x_hat
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+
+
+_sm_counts: dict = {}
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel fills; tests replace it with a NaN-filled one to prove full coverage."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_shape(n_rows: int, n_cols: int, warps_per_sm, device: torch.device):
+    """(BLOCK, ROWS, num_warps, programs) for rows of n_cols elements, by the rules above."""
+    block = next_power_of_2(n_cols)
+    rows = max(1, TILE_ELEMS // block)
+    num_warps = max(4, min(16, rows * block // ELEMS_PER_WARP))
+    n_tiles = triton.cdiv(n_rows, rows)
+    if device.type == "cuda":
+        if device.index not in _sm_counts:
+            _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_counts[device.index]
+    else:
+        sms = _INTERPRETER_SMS
+    programs = n_tiles if warps_per_sm is None else sms * max(1, warps_per_sm // num_warps)
+    return block, rows, num_warps, max(1, min(n_tiles, programs))
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (rows, N) with unit column stride (a view when the layout allows)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool):
+    """x2: (rows, N); returns y (rows, N) and rstd (rows,) fp32."""
+    n_rows, n_cols = x2.shape
+    out_dtype = x2.dtype if gemma else torch.promote_types(x2.dtype, w.dtype)
+    y = _alloc((n_rows, n_cols), out_dtype, x2.device)
+    rstd = _alloc((n_rows,), torch.float32, x2.device)
+    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, FWD_WARPS_PER_SM, x2.device)
+    _rms_norm_fwd_kernel[(programs,)](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+                                      GEMMA=gemma, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    return y, rstd
+
+
+def _backward(dy2, x2, w, rstd, gemma: bool, compute_dw: bool):
+    """Returns dx (rows, N) in x's dtype and dw (N,) in w's dtype (None unless compute_dw)."""
+    n_rows, n_cols = x2.shape
+    dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
+    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, BWD_WARPS_PER_SM, x2.device)
+    partial = _alloc((programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
+    _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, partial, n_rows, n_cols,
+                                      dy2.stride(0), x2.stride(0), dx.stride(0),
+                                      GEMMA=gemma, COMPUTE_DW=compute_dw, ROWS=rows, BLOCK=block,
+                                      num_warps=num_warps)
+    dw = partial.sum(0).to(w.dtype) if compute_dw else None
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, gemma_style):
+        x2 = _rows_view(x)
+        w = weight.contiguous()
+        y, rstd = _forward(x2, w, eps, gemma_style)
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.gemma_style = gemma_style
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, rstd = ctx.saved_tensors
+        dx, dw = _backward(_rows_view(dy), x2, w, rstd, ctx.gemma_style, ctx.needs_input_grad[1])
+        return dx.view(ctx.x_shape), dw, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: bool = False) -> torch.Tensor:
+    """RMSNorm of x (..., N) with weight (N,); see the module docstring for both conventions.
+
+    Returns (..., N) in promote_types(x.dtype, weight.dtype) (Llama style) or x.dtype (Gemma style).
+    Differentiable in x and weight; runs the Triton kernels on CUDA (or the interpreter), else the reference.
+    """
+    if x.shape[-1] != weight.numel():
+        raise ValueError(f"rms_norm: last dim {x.shape[-1]} != weight size {weight.numel()}")
+    if not use_triton(x, weight) or x.numel() == 0 or x.shape[-1] > MAX_COLS:
+        return reference(x, weight, eps, gemma_style)
+    return RMSNormFunction.apply(x, weight, float(eps), bool(gemma_style))

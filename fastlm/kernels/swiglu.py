@@ -1,0 +1,159 @@
+"""SwiGLU: y = silu(gate) * up, forward and backward, in Triton.
+
+transformers' Llama/Mistral/Qwen MLP computes `act_fn(gate_proj(x)) * up_proj(x)` with act_fn = silu,
+in the input dtype: silu(gate) is rounded to the dtype, then the product is rounded again. Here
+silu(g) = g * sigmoid(g) and the product are fp32 inside, rounded once at the store.
+
+Shapes: gate and up (..., N), same shape and dtype (fp32/fp16/bf16); the last dimension must have
+stride 1 after flattening the leading ones to rows, otherwise a contiguous copy is made (chunks of a
+fused gate_up projection are used as they are, through their row stride). y is a new contiguous
+(..., N) tensor of the same dtype.
+
+Forward saves gate and up (not the activation); backward recomputes s = sigmoid(g):
+    dup   = dy * g * s
+    dgate = dy * up * s * (1 + g * (1 - s))
+
+In-place backward: dgate and dup are written into the storage of the saved gate and up (no new
+(..., N) buffers at the MLP's widest point) when `inplace_backward=True` (the default) and both gate
+and up are intermediate results of the autograd graph (their storage's owner has a grad_fn) and are
+not the same tensor. That is safe when nothing else reads gate/up after this backward: true in an MLP,
+where they come straight out of gate_proj/up_proj (nn.Linear and PEFT LoRA's add save their inputs,
+not their outputs). It is NOT safe when the graph is backpropagated twice (retain_graph=True) or gate/up
+are also saved by another op: pass inplace_backward=False then. Leaf tensors (user data, parameters)
+are never overwritten.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels._utils import next_power_of_2, use_triton
+
+# Tuning constants, chosen by rule; to be measured on the H200 with bench/kernel_ops/swiglu.py.
+BLOCK = 1024  # columns per program (rule: 4 warps x 32 lanes x 8 elements = one 16-byte bf16 vector per
+# lane per tensor; 14336 = 14 x 1024, so no masked tail at Llama-3.1-8B's intermediate size).
+NUM_WARPS = 4  # see BLOCK.
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The definition, as transformers computes it: silu in the input dtype, then the product."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, n_col_blocks, BLOCK: tl.constexpr):
+    """Program p handles row p // n_col_blocks, columns [BLOCK * (p % n_col_blocks), + BLOCK)."""
+    pid = tl.program_id(0)
+    row = (pid // n_col_blocks).to(tl.int64)
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
+                       n_col_blocks, BLOCK: tl.constexpr):
+    """Same tiling as the forward. DG/DU may be G/U themselves: each element is read before it is
+    written, by the same program."""
+    pid = tl.program_id(0)
+    row = (pid // n_col_blocks).to(tl.int64)
+    cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    du = dy * g * s
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests swap in a NaN-filled allocator to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride; a view whenever the layout allows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def _block_for(n: int) -> int:
+    """BLOCK, shrunk to the next power of 2 >= N for narrow rows."""
+    return min(BLOCK, next_power_of_2(n))
+
+
+def _grid(m: int, n: int) -> tuple[tuple[int], int]:
+    n_col_blocks = triton.cdiv(n, _block_for(n))
+    return (m * n_col_blocks,), n_col_blocks
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Host wrapper: gate, up (..., N) -> y (..., N) contiguous, same dtype."""
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    y = _alloc((m, n), gate.dtype, gate.device)
+    if y.numel():
+        grid, n_col_blocks = _grid(m, n)
+        _swiglu_fwd_kernel[grid](g2, u2, y, n, g2.stride(0), u2.stride(0), y.stride(0), n_col_blocks,
+                                 BLOCK=_block_for(n), num_warps=NUM_WARPS)
+    return y.view(gate.shape)
+
+
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace."""
+    dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    m, n = g2.shape
+    if inplace:
+        dg, du = g2, u2
+    else:
+        dg, du = _alloc((m, n), gate.dtype, gate.device), _alloc((m, n), up.dtype, up.device)
+    if dg.numel():
+        grid, n_col_blocks = _grid(m, n)
+        _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, n, dy2.stride(0), g2.stride(0), u2.stride(0),
+                                 dg.stride(0), du.stride(0), n_col_blocks, BLOCK=_block_for(n),
+                                 num_warps=NUM_WARPS)
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+def _graph_owned(x: torch.Tensor) -> bool:
+    """True when x's storage belongs to an intermediate result of the autograd graph."""
+    base = x if x._base is None else x._base
+    return base.grad_fn is not None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, inplace_backward):
+        ctx.inplace = (inplace_backward and _graph_owned(gate) and _graph_owned(up)
+                       and gate.data_ptr() != up.data_ptr())
+        ctx.save_for_backward(gate, up)
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = swiglu_backward(dy, gate, up, ctx.inplace)
+        return dgate, dup, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
+    """silu(gate) * up, differentiable; falls back to `reference` where Triton cannot run.
+
+    Args:
+        gate, up: (..., N), same shape and dtype (fp32/fp16/bf16).
+        inplace_backward: allow the backward to write dgate/dup into gate's/up's storage (see the
+            module docstring for when that happens and why it is safe).
+    Returns:
+        (..., N) tensor of gate's dtype.
+    """
+    if gate.shape != up.shape or gate.dtype != up.dtype or not use_triton(gate, up):
+        return reference(gate, up)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up, inplace_backward)
+    return swiglu_forward(gate, up)

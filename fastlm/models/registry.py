@@ -1,0 +1,81 @@
+"""Per-architecture facts, as data: `model_type` -> ModelSpec.
+
+Everything that differs between the supported families and matters to fastlm lives here, so the code
+that loads, patches and saves models stays one code path. A model whose `config.model_type` is not
+here still loads through plain transformers (with a warning that no fast path exists).
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+# The projections LoRA targets by default (Unsloth's default `target_modules`).
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What fastlm needs to know about one architecture family.
+
+    Attributes:
+        model_type: `config.model_type` as transformers writes it.
+        norm: "rms" (x * rstd * w, cast to the input dtype before the weight product),
+            "rms_gemma" (x * rstd * (1 + w), all in fp32) or "layer" (LayerNorm).
+        activation: the MLP gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh form).
+        qk_norm: RMSNorm on q and k per head before RoPE (Qwen 3, Gemma 3).
+        qkv_bias: biases on the q/k/v projections (Qwen 2).
+        embedding_scale: embeddings are multiplied by sqrt(hidden_size) (Gemma family).
+        attn_softcap_key / final_softcap_key: config attributes holding tanh soft-capping of attention
+            scores / final logits (Gemma 2), or None.
+        sliding_window: some or all layers attend within `config.sliding_window` (Mistral, Gemma 2/3, Qwen 2).
+        fused_projections: names of projections that hold several logical ones (Phi-3: qkv_proj holds q,k,v;
+            gate_up_proj holds gate,up). LoRA targets these names instead of the split ones.
+        extra_norms: norms beyond input/post-attention ones (Gemma 2/3 pre/post feed-forward norms).
+    """
+    model_type: str
+    norm: str = "rms"
+    activation: str = "silu"
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    embedding_scale: bool = False
+    attn_softcap_key: Optional[str] = None
+    final_softcap_key: Optional[str] = None
+    sliding_window: bool = False
+    fused_projections: dict = field(default_factory=dict)
+    extra_norms: tuple = ()
+
+    def lora_targets(self, requested) -> list:
+        """Map Unsloth-style target names onto this family's module names (Phi-3's fused projections)."""
+        mapped = []
+        for name in requested:
+            for fused, parts in self.fused_projections.items():
+                if name in parts:
+                    name = fused
+                    break
+            if name not in mapped:
+                mapped.append(name)
+        return mapped
+
+
+_GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+SUPPORTED = {
+    spec.model_type: spec
+    for spec in (
+        ModelSpec("llama"),
+        ModelSpec("mistral", sliding_window=True),
+        ModelSpec("qwen2", qkv_bias=True, sliding_window=True),
+        ModelSpec("qwen3", qk_norm=True, sliding_window=True),
+        ModelSpec("gemma", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True),
+        ModelSpec("gemma2", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True,
+                  attn_softcap_key="attn_logit_softcapping", final_softcap_key="final_logit_softcapping",
+                  sliding_window=True, extra_norms=_GEMMA_NORMS),
+        ModelSpec("gemma3_text", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True, qk_norm=True,
+                  final_softcap_key="final_logit_softcapping", sliding_window=True, extra_norms=_GEMMA_NORMS),
+        ModelSpec("phi3", fused_projections={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                             "gate_up_proj": ("gate_proj", "up_proj")}),
+    )
+}
+
+
+def spec_for(model_type: str) -> Optional[ModelSpec]:
+    """The ModelSpec of a supported family, or None when fastlm has no fast path for it."""
+    return SUPPORTED.get(model_type)

@@ -1,0 +1,186 @@
+"""LoRA through PEFT: the work behind FastLanguageModel.get_peft_model."""
+import dataclasses
+import logging
+from typing import Optional, Union
+
+import torch
+
+from fastlm.models.registry import DEFAULT_TARGET_MODULES
+from fastlm.state import state_of
+from fastlm.training.checkpointing import check_mode, set_gradient_checkpointing
+
+logger = logging.getLogger("fastlm")
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+_BIAS = ("none", "all", "lora_only")
+# Settings compared when get_peft_model meets a model that already has an adapter.
+_COMPARED = ("r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "target_modules", "modules_to_save")
+
+
+def prepare_for_adapters(model, use_gradient_checkpointing) -> None:
+    """Freeze the base model and set up checkpointing for adapter training.
+
+    Unlike peft.prepare_model_for_kbit_training this does not upcast every non-quantized weight to fp32
+    (for a 1B model that is 2.1 GB of embeddings alone); the adapters and trained modules are made fp32 instead.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_gradient_checkpointing(model, use_gradient_checkpointing)
+
+
+def _check_number(name, value, low, low_inclusive, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    below = value < low if low_inclusive else value <= low
+    if below or (high is not None and value >= high):
+        bounds = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}.")
+
+
+def _module_leaf_names(model) -> list:
+    """Leaf names of the modules LoRA can target (linear layers and embeddings), e.g. q_proj, lm_head."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or "Linear" in type(module).__name__:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def split_targets(model, target_modules, spec):
+    """(LoRA targets, fully trained embedding modules) from Unsloth-style `target_modules`.
+
+    "all-linear" passes through to PEFT. Names map onto the family's own (Phi-3's fused qkv_proj / gate_up_proj);
+    a name the model lacks raises ValueError listing the names it has.
+    """
+    if isinstance(target_modules, str):
+        if target_modules != "all-linear":
+            raise ValueError(f"target_modules must be a list of module names or \"all-linear\", got {target_modules!r}.")
+        return "all-linear", []
+    if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}.")
+    if not target_modules:
+        raise ValueError("target_modules is empty; name at least one module, e.g. [\"q_proj\", \"v_proj\"].")
+    wanted = spec.lora_targets(target_modules) if spec is not None else list(dict.fromkeys(target_modules))
+    embeddings = [t for t in wanted if t in EMBEDDING_MODULES]
+    lora = [t for t in wanted if t not in EMBEDDING_MODULES]
+    available = _module_leaf_names(model)
+    missing = [t for t in lora + embeddings if t not in available]
+    if missing:
+        raise ValueError(f"target_modules {missing} not found in {type(model).__name__}; its linear and embedding "
+                         f"modules are: {', '.join(available)}.")
+    return lora, embeddings
+
+
+def _lora_config_fields():
+    from peft import LoraConfig
+    return {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+
+
+def _describe(config) -> dict:
+    described = {}
+    for key in _COMPARED:
+        value = getattr(config, key, None)
+        described[key] = sorted(value) if isinstance(value, (set, list, tuple)) else value
+    return described
+
+
+def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: float, bias: str,
+             use_gradient_checkpointing, random_state: int, use_rslora: bool, loftq_config: Optional[dict],
+             modules_to_save: Optional[list], kwargs: dict):
+    """See FastLanguageModel.get_peft_model."""
+    import peft
+    from peft import LoraConfig, PeftModel
+
+    _check_number("r", r, 0, False)
+    if not isinstance(r, int):
+        raise TypeError(f"r must be an integer, got {r!r}.")
+    _check_number("lora_alpha", lora_alpha, 0, False)
+    _check_number("lora_dropout", lora_dropout, 0, True, 1)
+    if bias not in _BIAS:
+        raise ValueError(f"bias must be one of {', '.join(_BIAS)}, got {bias!r}.")
+    check_mode(use_gradient_checkpointing)
+    if isinstance(random_state, bool) or not isinstance(random_state, int):
+        raise TypeError(f"random_state must be an integer, got {random_state!r}.")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}.")
+    if modules_to_save is not None and (isinstance(modules_to_save, str) or
+                                        not all(isinstance(m, str) for m in modules_to_save)):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}.")
+    unknown = sorted(set(kwargs) - _lora_config_fields())
+    if unknown:
+        raise TypeError(f"get_peft_model got unexpected arguments {unknown}; extra keyword arguments must be "
+                        "peft.LoraConfig fields (e.g. layers_to_transform, init_lora_weights, use_dora).")
+    task_type = kwargs.pop("task_type", "CAUSAL_LM")
+    if str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
+        raise ValueError(f"task_type={task_type!r}: FastLanguageModel trains causal LMs; leave task_type out.")
+
+    state = state_of(model)
+    if state is not None and state.precision.mode == "full":
+        print("fastlm: the model was loaded with full_finetuning=True, so every weight already trains; "
+              "get_peft_model returns it unchanged (load without full_finetuning to train LoRA adapters).")
+        return model
+    spec = state.spec if state is not None else None
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    lora_targets, embedding_targets = split_targets(base, target_modules, spec)
+    trained_fully = list(dict.fromkeys(list(modules_to_save or []) + embedding_targets))
+    tied = bool(getattr(base.config, "tie_word_embeddings", False)) and \
+        base.get_output_embeddings() is not None and \
+        base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    if tied and any(m in EMBEDDING_MODULES for m in trained_fully):
+        # One matrix serves both ends: train both copies and keep them tied.
+        trained_fully = list(dict.fromkeys(trained_fully + list(EMBEDDING_MODULES)))
+        kwargs.setdefault("ensure_weight_tying", True)
+
+    init = kwargs.pop("init_lora_weights", True)
+    if loftq_config:
+        if state is not None and state.precision.quantized:
+            raise ValueError("loftq_config initialises LoRA from the 16-bit weights and quantizes them itself; load "
+                             "with load_in_16bit=True (or load_in_4bit=False) to use it.")
+        loftq_config = peft.LoftQConfig(**loftq_config) if isinstance(loftq_config, dict) else loftq_config
+        init = "loftq"
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+                        target_modules=lora_targets, use_rslora=use_rslora, modules_to_save=trained_fully or None,
+                        init_lora_weights=init, loftq_config=loftq_config or {}, **kwargs)
+
+    if isinstance(model, PeftModel):
+        existing = model.peft_config[model.active_adapter]
+        if _describe(existing) == _describe(config):
+            print("fastlm: the model already has this LoRA adapter; returning it unchanged.")
+            return model
+        raise ValueError(f"The model already has a LoRA adapter with other settings ({_describe(existing)}); "
+                         f"asked for {_describe(config)}. Load the base model again to add a different adapter.")
+
+    torch.manual_seed(random_state)
+    if state is not None:
+        state.use_gradient_checkpointing = use_gradient_checkpointing
+    prepare_for_adapters(model, use_gradient_checkpointing)
+    fp32_trainable = state.precision.fp32_trainable if state is not None else True
+    peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=fp32_trainable)
+    if fp32_trainable:
+        _upcast_trained_modules(peft_model, trained_fully)
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def _upcast_trained_modules(peft_model, names) -> None:
+    """Keep fully trained 16-bit modules (embed_tokens, lm_head, ...) in fp32, converting at their boundaries.
+
+    An fp32 embedding's output is cast back to the model's dtype, and an fp32 lm_head's input up to fp32, so the
+    16-bit layers in between see the dtype they expect with or without autocast; logits come out in fp32.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for full_name, module in peft_model.named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or full_name.rsplit(".", 1)[-1] not in names:
+            continue
+        for trained in module.modules_to_save.values():
+            weight = getattr(trained, "weight", None)
+            if weight is None or weight.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            model_dtype = weight.dtype
+            trained.float()
+            if isinstance(trained, torch.nn.Embedding):
+                trained.register_forward_hook(lambda mod, args, out, dt=model_dtype: out.to(dt))
+            else:
+                trained.register_forward_pre_hook(
+                    lambda mod, args: (args[0].to(torch.float32),) + tuple(args[1:]))
