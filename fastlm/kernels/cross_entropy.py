@@ -114,7 +114,8 @@ def _ce_fwd_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, grad_scale_ptr,
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(s)
-        x_label = tl.load(row_ptr + label).to(tl.float32)
+        # labels outside [0, V) give a wrong loss instead of an out-of-bounds read (PyTorch raises)
+        x_label = tl.load(row_ptr + label, mask=(label >= 0) & (label < V), other=0.0).to(tl.float32)
         z_label, t_label = _capped(x_label, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         tl.store(loss_ptr + row, lse - z_label)
         if WRITE_GRAD:
@@ -159,7 +160,7 @@ def _chunked_loss_and_grads(h, weight, bias, labels, denom, opts, need_h, need_w
     write_grad = need_h or need_w or need_b
     row_loss = _alloc((n,), h, torch.float32)
     grad_h = _alloc(h.shape, h) if need_h else None
-    grad_w = _alloc(weight.shape, weight) if need_w else None
+    grad_w = (_alloc(weight.shape, weight) if n else torch.zeros_like(weight)) if need_w else None
     grad_b = torch.zeros(vocab, device=h.device, dtype=torch.float32) if need_b else None
     grad_scale = (1.0 / denom).reshape(1)  # inf when no row is valid: then no row reads it
     buf = _alloc((min(rows, n), vocab), h)
@@ -225,7 +226,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
 
     Args:
         hidden: (N, H) or (B, T, H), fp32/fp16/bf16; weight: (V, H) same dtype; bias: (V,) or None.
-        labels: (N,) or (B, T) int64; rows whose label is `ignore_index` count for nothing.
+        labels: (N,) or (B, T) int64 in [0, V) or `ignore_index` (those rows count for nothing).
         softcap: Gemma-2 final logit softcapping `cap * tanh(z / cap)`, applied after `logit_scale`.
         logit_scale: multiply the logits by this (Cohere `logit_scale`; Granite: 1 / logits_scaling).
         shift_labels: position t predicts labels[..., t + 1] (the last position of each row predicts
