@@ -17,14 +17,14 @@ import triton.language as tl
 
 from fastlm.kernels._utils import next_power_of_2, use_triton
 
-# Tuning constants: the same rules and values as rms_norm.py (read their comments there); chosen by
-# rule, to be measured on the H200 with bench/kernel_ops/layer_norm.py.
+# Tuning constants: the same rules and values as rms_norm.py (read their comments there), chosen by rule
+# and ptxas register counts (bf16, sm_90, N=4096, 8 warps: forward 64 registers/thread, backward 116 with
+# the weight reloaded per tile); speed to be measured on the H200 with bench/kernel_ops/layer_norm.py.
 TILE_ELEMS = 4096  # ROWS * BLOCK >= 4096 elements per program step (short rows are batched)
 ELEMS_PER_WARP = 512  # warps = tile / 512 in [4, 16]: two 16-byte bf16 vectors per lane per tensor
-FWD_WARPS_PER_SM = 32  # persistent forward grid: SMs * (32 // warps) programs; None: one tile each
-BWD_WARPS_PER_SM = 16  # backward holds x, dy, w, dw and db accumulators: fewer programs per SM
+PERSISTENT = True  # forward grid = SMs x resident programs (False: one tile per program); backward always
 MAX_COLS = 65536  # wider rows use the reference
-_INTERPRETER_SMS = 2
+_INTERPRETER_PROGRAMS = 4
 
 
 def reference(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
@@ -74,8 +74,6 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, n_r
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     db_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     n_tiles = tl.cdiv(n_rows, ROWS)
@@ -89,8 +87,8 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, n_r
         mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        if HAS_W:
-            g = dy * w[None, :]
+        if HAS_W:  # reloaded per tile (an L1/L2 hit): fewer registers than holding it across the loop
+            g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         else:
             g = dy
         c1 = tl.sum(g, axis=1) / n_cols
@@ -107,28 +105,54 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, n_r
         tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
-_sm_counts: dict = {}
-
-
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every buffer a kernel fills; tests replace it with a NaN-filled one to prove full coverage."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_shape(n_rows: int, n_cols: int, warps_per_sm, device: torch.device):
-    """(BLOCK, ROWS, num_warps, programs) for rows of n_cols elements, by the rules above."""
+def _tile(n_cols: int):
+    """(BLOCK, ROWS, num_warps) for rows of n_cols elements, by the rules above."""
     block = next_power_of_2(n_cols)
     rows = max(1, TILE_ELEMS // block)
-    num_warps = max(4, min(16, rows * block // ELEMS_PER_WARP))
-    n_tiles = triton.cdiv(n_rows, rows)
-    if device.type == "cuda":
-        if device.index not in _sm_counts:
-            _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        sms = _sm_counts[device.index]
-    else:
-        sms = _INTERPRETER_SMS
-    programs = n_tiles if warps_per_sm is None else sms * max(1, warps_per_sm // num_warps)
-    return block, rows, num_warps, max(1, min(n_tiles, programs))
+    return block, rows, max(4, min(16, rows * block // ELEMS_PER_WARP))
+
+
+_props: dict = {}  # device index -> CUDA device properties
+_resident: dict = {}  # launch key (device, kernel, shapes, flags, dtypes) -> programs one SM holds at once
+
+
+def _key(*parts, tensors=()):
+    """A launch key; includes the 16-divisibility of strides and widths that Triton specialises on."""
+    return parts + tuple((t.stride(0) % 16 == 0, t.shape[-1] % 16 == 0) for t in tensors)
+
+
+def _grid(key, n_tiles: int, num_warps: int, device: torch.device, persistent: bool = True) -> int:
+    """Programs to launch: every tile its own, or (persistent) as many as the GPU holds at once. Until a
+    configuration has been compiled, assume half the SM's warp slots (what the register counts allow)."""
+    if not persistent:
+        return n_tiles
+    if device.type != "cuda":
+        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
+    if device.index not in _props:
+        _props[device.index] = torch.cuda.get_device_properties(device)
+    per_sm = _resident.get(key, max(1, 32 // num_warps))
+    return max(1, min(n_tiles, _props[device.index].multi_processor_count * per_sm))
+
+
+def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> None:
+    """Record how many programs of a just-launched kernel fit on one SM (CUDA occupancy rules: registers
+    are allocated per warp in units of 256, shared memory per block with 1 KB reserved)."""
+    n_regs = getattr(compiled, "n_regs", 0)
+    if device.type != "cuda" or key in _resident or not n_regs:
+        return
+    props = _props[device.index]
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    fits = [getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
+            getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32]
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
+    if shared:
+        fits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024))
+    _resident[key] = max(1, min(fits))
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -143,11 +167,15 @@ def _forward(x2, w, b, eps: float):
     y = _alloc((n_rows, n_cols), x2.dtype, x2.device)
     mean = _alloc((n_rows,), torch.float32, x2.device)
     rstd = _alloc((n_rows,), torch.float32, x2.device)
-    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, FWD_WARPS_PER_SM, x2.device)
-    _layer_norm_fwd_kernel[(programs,)](x2, x2 if w is None else w, x2 if b is None else b, y, mean, rstd,
-                                        n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-                                        HAS_W=w is not None, HAS_B=b is not None, ROWS=rows, BLOCK=block,
-                                        num_warps=num_warps)
+    block, rows, num_warps = _tile(n_cols)
+    key = _key(x2.device.index, "fwd", block, rows, num_warps, x2.dtype, *(None if t is None else t.dtype for t in (w, b)),
+               tensors=(x2,))
+    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
+    compiled = _layer_norm_fwd_kernel[(programs,)](x2, x2 if w is None else w, x2 if b is None else b, y, mean, rstd,
+                                                   n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+                                                   HAS_W=w is not None, HAS_B=b is not None, ROWS=rows, BLOCK=block,
+                                                   num_warps=num_warps)
+    _learn_residency(key, compiled, num_warps, x2.device)
     return y, mean, rstd
 
 
@@ -155,13 +183,17 @@ def _backward(dy2, x2, w, mean, rstd, compute_dw: bool, compute_db: bool):
     """Returns dx (rows, N) in x's dtype, and fp32 sums dw, db (N,) (None where not asked for)."""
     n_rows, n_cols = x2.shape
     dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
-    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, BWD_WARPS_PER_SM, x2.device)
+    block, rows, num_warps = _tile(n_cols)
+    key = _key(x2.device.index, "bwd", block, rows, num_warps, compute_dw, compute_db, x2.dtype, dy2.dtype,
+               None if w is None else w.dtype, tensors=(x2, dy2))
+    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
     dw_partial = _alloc((programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
     db_partial = _alloc((programs, n_cols) if compute_db else (1,), torch.float32, x2.device)
-    _layer_norm_bwd_kernel[(programs,)](dy2, x2, x2 if w is None else w, mean, rstd, dx, dw_partial, db_partial,
-                                        n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                        HAS_W=w is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                                        ROWS=rows, BLOCK=block, num_warps=num_warps)
+    compiled = _layer_norm_bwd_kernel[(programs,)](dy2, x2, x2 if w is None else w, mean, rstd, dx, dw_partial,
+                                                   db_partial, n_rows, n_cols, dy2.stride(0), x2.stride(0),
+                                                   dx.stride(0), HAS_W=w is not None, COMPUTE_DW=compute_dw,
+                                                   COMPUTE_DB=compute_db, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    _learn_residency(key, compiled, num_warps, x2.device)
     dw = dw_partial.sum(0) if compute_dw else None
     db = db_partial.sum(0) if compute_db else None
     return dx, dw, db

@@ -21,19 +21,20 @@ import triton.language as tl
 
 from fastlm.kernels._utils import next_power_of_2, use_triton
 
-# Tuning constants (all chosen by rule; to be measured on the H200 with bench/kernel_ops/rms_norm.py,
-# which sweeps them). Shared by name and value with layer_norm.py.
-TILE_ELEMS = 4096  # a program handles ROWS rows of BLOCK columns at once, ROWS*BLOCK >= 4096, so short
-# rows (q/k-norm over head_dim 128) move as many bytes per step as one Llama hidden row (8 KB bf16).
-ELEMS_PER_WARP = 512  # warps per program = tile / 512, clamped to [4, 16]: 16 elements per lane, i.e.
-# two 16-byte bf16 vector loads in flight per lane per tensor (rule; 4096 -> 8 warps, as Liger uses).
-FWD_WARPS_PER_SM = 32  # persistent grid: programs = SMs * (32 // warps), half the H200's 64 warp slots,
-# which the forward's ~50 registers/thread allow to be resident at once (rule, not measured).
-# None launches one tile per program instead (the torch.compile/Liger layout).
-BWD_WARPS_PER_SM = 16  # backward keeps x, dy, w and the dw accumulator live (~90 registers/thread),
-# so a quarter of the warp slots; also sets how many fp32 partial dw rows the host sums (rule).
+# Tuning constants, chosen by rule and by ptxas register counts for sm_90 (triton 3.7, compiled
+# offline); their speed is to be measured on the H200 with bench/kernel_ops/rms_norm.py, which sweeps them.
+TILE_ELEMS = 4096  # a program step handles ROWS rows of BLOCK columns, ROWS*BLOCK >= 4096, so short rows
+# (q/k-norm over head_dim 128) move as many bytes per step as one Llama hidden row (8 KB of bf16).
+ELEMS_PER_WARP = 512  # warps = tile / 512 in [4, 16]: 16 elements per lane, i.e. two 16-byte bf16 vectors
+# per lane per tensor (4096 -> 8 warps, as Liger uses). ptxas registers/thread (bf16, sm_90): 8 warps at
+# N=4096 forward 40 (Gemma 47), backward 80; 16 warps at 8192: 40-48 and 90. At 16384 the backward spills
+# ~84 bytes/thread with 16 warps (76 with 32 warps, which cap registers at 64): left at 16.
+PERSISTENT = True  # grid = SMs x (programs one SM holds at once, from the compiled kernel's registers and
+# shared memory), each program striding over row tiles: the weight is loaded once per program, there is
+# no tail wave, and the backward writes one partial dw row per program. False: one tile per program
+# (the torch.compile/Liger layout; the backward stays persistent for its dw partials).
 MAX_COLS = 65536  # above this a row no longer fits in registers; such rows use the reference.
-_INTERPRETER_SMS = 2  # on the CPU interpreter: a small grid that still runs several programs.
+_INTERPRETER_PROGRAMS = 4  # on the CPU interpreter: a small grid that still runs several programs.
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: bool = False) -> torch.Tensor:
@@ -84,9 +85,6 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, stride_
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if GEMMA:
-        w = w + 1.0
     dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     n_tiles = tl.cdiv(n_rows, ROWS)
     for tile in range(pid, n_tiles, n_programs):
@@ -98,6 +96,11 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, stride_
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         x_hat = x * rstd[:, None]  # zero on masked rows and columns
+        # w reloaded per tile (an L1/L2 hit) rather than held across the loop: 80 instead of 103
+        # registers/thread at N=4096 (ptxas, sm_90), so 3 programs of 8 warps fit on an SM, not 2.
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
         g = dy * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / n_cols
         dx = (g - x_hat * c[:, None]) * rstd[:, None]
@@ -108,28 +111,54 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, stride_
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
-_sm_counts: dict = {}
-
-
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every buffer a kernel fills; tests replace it with a NaN-filled one to prove full coverage."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_shape(n_rows: int, n_cols: int, warps_per_sm, device: torch.device):
-    """(BLOCK, ROWS, num_warps, programs) for rows of n_cols elements, by the rules above."""
+def _tile(n_cols: int):
+    """(BLOCK, ROWS, num_warps) for rows of n_cols elements, by the rules above."""
     block = next_power_of_2(n_cols)
     rows = max(1, TILE_ELEMS // block)
-    num_warps = max(4, min(16, rows * block // ELEMS_PER_WARP))
-    n_tiles = triton.cdiv(n_rows, rows)
-    if device.type == "cuda":
-        if device.index not in _sm_counts:
-            _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        sms = _sm_counts[device.index]
-    else:
-        sms = _INTERPRETER_SMS
-    programs = n_tiles if warps_per_sm is None else sms * max(1, warps_per_sm // num_warps)
-    return block, rows, num_warps, max(1, min(n_tiles, programs))
+    return block, rows, max(4, min(16, rows * block // ELEMS_PER_WARP))
+
+
+_props: dict = {}  # device index -> CUDA device properties
+_resident: dict = {}  # launch key (device, kernel, shapes, flags, dtypes) -> programs one SM holds at once
+
+
+def _key(*parts, tensors=()):
+    """A launch key; includes the 16-divisibility of strides and widths that Triton specialises on."""
+    return parts + tuple((t.stride(0) % 16 == 0, t.shape[-1] % 16 == 0) for t in tensors)
+
+
+def _grid(key, n_tiles: int, num_warps: int, device: torch.device, persistent: bool = True) -> int:
+    """Programs to launch: every tile its own, or (persistent) as many as the GPU holds at once. Until a
+    configuration has been compiled, assume half the SM's warp slots (what the register counts allow)."""
+    if not persistent:
+        return n_tiles
+    if device.type != "cuda":
+        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
+    if device.index not in _props:
+        _props[device.index] = torch.cuda.get_device_properties(device)
+    per_sm = _resident.get(key, max(1, 32 // num_warps))
+    return max(1, min(n_tiles, _props[device.index].multi_processor_count * per_sm))
+
+
+def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> None:
+    """Record how many programs of a just-launched kernel fit on one SM (CUDA occupancy rules: registers
+    are allocated per warp in units of 256, shared memory per block with 1 KB reserved)."""
+    n_regs = getattr(compiled, "n_regs", 0)
+    if device.type != "cuda" or key in _resident or not n_regs:
+        return
+    props = _props[device.index]
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    fits = [getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
+            getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32]
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
+    if shared:
+        fits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024))
+    _resident[key] = max(1, min(fits))
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -144,9 +173,12 @@ def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool):
     out_dtype = x2.dtype if gemma else torch.promote_types(x2.dtype, w.dtype)
     y = _alloc((n_rows, n_cols), out_dtype, x2.device)
     rstd = _alloc((n_rows,), torch.float32, x2.device)
-    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, FWD_WARPS_PER_SM, x2.device)
-    _rms_norm_fwd_kernel[(programs,)](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-                                      GEMMA=gemma, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    block, rows, num_warps = _tile(n_cols)
+    key = _key(x2.device.index, "fwd", block, rows, num_warps, gemma, x2.dtype, w.dtype, tensors=(x2,))
+    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
+    compiled = _rms_norm_fwd_kernel[(programs,)](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+                                                 GEMMA=gemma, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    _learn_residency(key, compiled, num_warps, x2.device)
     return y, rstd
 
 
@@ -154,12 +186,16 @@ def _backward(dy2, x2, w, rstd, gemma: bool, compute_dw: bool):
     """Returns dx (rows, N) in x's dtype and dw (N,) in w's dtype (None unless compute_dw)."""
     n_rows, n_cols = x2.shape
     dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
-    block, rows, num_warps, programs = _launch_shape(n_rows, n_cols, BWD_WARPS_PER_SM, x2.device)
+    block, rows, num_warps = _tile(n_cols)
+    key = _key(x2.device.index, "bwd", block, rows, num_warps, gemma, compute_dw, x2.dtype, w.dtype, dy2.dtype,
+               tensors=(x2, dy2))
+    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
     partial = _alloc((programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
-    _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, partial, n_rows, n_cols,
-                                      dy2.stride(0), x2.stride(0), dx.stride(0),
-                                      GEMMA=gemma, COMPUTE_DW=compute_dw, ROWS=rows, BLOCK=block,
-                                      num_warps=num_warps)
+    compiled = _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, partial, n_rows, n_cols,
+                                                 dy2.stride(0), x2.stride(0), dx.stride(0),
+                                                 GEMMA=gemma, COMPUTE_DW=compute_dw, ROWS=rows, BLOCK=block,
+                                                 num_warps=num_warps)
+    _learn_residency(key, compiled, num_warps, x2.device)
     dw = partial.sum(0).to(w.dtype) if compute_dw else None
     return dx, dw
 
