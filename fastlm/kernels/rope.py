@@ -11,6 +11,8 @@ Shapes as transformers passes them (unsqueeze_dim=1): q (B, H, T, D), k (B, Hkv,
 per-token position ids (packed sequences whose positions restart) are the caller's cos/sin. With
 unsqueeze_dim=2, q is (B, T, H, D) and k (B, T, Hkv, D). fp32/fp16/bf16; the math is fp32 inside
 (transformers multiplies and adds in the input dtype, rounding three times; here it rounds once).
+The outputs have transformers' dtype, promote_types(q.dtype, cos.dtype): q's dtype when cos/sin are in
+the model's dtype (as the rotary embedding returns them), fp32 if fp32 cos meets bf16 q.
 The rotary part is the general 2x2 form above, so cos1 != cos2 would also be honoured.
 
 Backward is the transposed rotation (rotation by -sin when cos1 = cos2, sin1 = sin2):
@@ -120,13 +122,13 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _empty_heads_like(x: torch.Tensor, heads_inner: bool) -> torch.Tensor:
-    """A new (B, H, T, D) tensor; physically (B, T, H, D) when heads_inner (HF's layout, so the
-    attention's and q_proj's reshapes stay views)."""
+def _empty_heads_like(x: torch.Tensor, heads_inner: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of x's (B, H, T, D) shape; physically (B, T, H, D) when heads_inner (HF's layout, so
+    the attention's and q_proj's reshapes stay views)."""
     b, h, t, d = x.shape
     if heads_inner:
-        return _alloc((b, t, h, d), x.dtype, x.device).transpose(1, 2)
-    return _alloc((b, h, t, d), x.dtype, x.device)
+        return _alloc((b, t, h, d), dtype, x.device).transpose(1, 2)
+    return _alloc((b, h, t, d), dtype, x.device)
 
 
 def _heads_inner(x: torch.Tensor) -> bool:
@@ -163,7 +165,8 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.q_heads_inner, ctx.k_heads_inner = _heads_inner(q), _heads_inner(k)
-        q_out, k_out = _empty_heads_like(q, ctx.q_heads_inner), _empty_heads_like(k, ctx.k_heads_inner)
+        ctx.in_dtype = q.dtype
+        q_out, k_out = _new_outputs(q, k, cos)
         _launch(q, k, cos, sin, q_out, k_out, backward=False)
         ctx.save_for_backward(cos, sin)
         return q_out, k_out
@@ -171,9 +174,16 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = _empty_heads_like(dq_out, ctx.q_heads_inner), _empty_heads_like(dk_out, ctx.k_heads_inner)
+        dq = _empty_heads_like(dq_out, ctx.q_heads_inner, ctx.in_dtype)
+        dk = _empty_heads_like(dk_out, ctx.k_heads_inner, ctx.in_dtype)
         _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
         return dq, dk, None, None
+
+
+def _new_outputs(q, k, cos) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs in HF's dtype: promote(q, cos), e.g. fp32 when cos is fp32 and q bf16 (autocast)."""
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    return _empty_heads_like(q, _heads_inner(q), dtype), _empty_heads_like(k, _heads_inner(k), dtype)
 
 
 def _overlaps_itself(x: torch.Tensor) -> bool:
@@ -191,15 +201,18 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         unsqueeze_dim: 1 or 2, as in transformers.
         inplace: rotate q and k in their own storage when no autograd graph is being recorded.
     Returns:
-        (q_embed, k_embed) with q's and k's shapes and dtypes.
+        (q_embed, k_embed) with q's and k's shapes, dtype promote_types(q.dtype, cos.dtype).
     """
     if unsqueeze_dim not in (1, 2):
         raise ValueError(f"unsqueeze_dim must be 1 or 2, got {unsqueeze_dim}")
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     rot = cos.shape[-1]
+    t_dim = 3 - unsqueeze_dim
     supported = (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape
-                 and q.dtype == k.dtype and q.shape[-1] == k.shape[-1] and rot % 2 == 0
+                 and q.shape[0] == k.shape[0] and cos.shape[0] in (1, q.shape[0])
+                 and q.shape[t_dim] == k.shape[t_dim] == cos.shape[1]
+                 and q.dtype == k.dtype and cos.dtype == sin.dtype and q.shape[-1] == k.shape[-1] and rot % 2 == 0
                  and 0 < rot <= q.shape[-1] <= MAX_HEAD_DIM and not cos.requires_grad and not sin.requires_grad
                  and use_triton(q, k, cos, sin))
     if not supported:
@@ -211,10 +224,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     cos, sin = cos.expand(b, t, rot), sin.expand(b, t, rot)  # stride 0 over B when broadcast
     needs_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if not needs_graph:
-        if inplace and q.data_ptr() != k.data_ptr() and not _overlaps_itself(q) and not _overlaps_itself(k):
+        if (inplace and torch.promote_types(q.dtype, cos.dtype) == q.dtype and q.data_ptr() != k.data_ptr()
+                and not _overlaps_itself(q) and not _overlaps_itself(k)):
             _launch(q, k, cos, sin, q, k, backward=False)
             return q, k
-        q_out, k_out = _empty_heads_like(q, _heads_inner(q)), _empty_heads_like(k, _heads_inner(k))
+        q_out, k_out = _new_outputs(q, k, cos)
         _launch(q, k, cos, sin, q_out, k_out, backward=False)
         return q_out, k_out
     return RoPEFunction.apply(q, k, cos, sin)
