@@ -136,10 +136,13 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
         if state is not None and state.precision.quantized:
             raise ValueError("loftq_config initialises LoRA from the 16-bit weights and quantizes them itself; load "
                              "with load_in_16bit=True (or load_in_4bit=False) to use it.")
+        if not torch.cuda.is_available():
+            raise ValueError("loftq_config needs a CUDA GPU: PEFT's LoftQ initialisation runs there. On a CPU, leave "
+                             "loftq_config out (or use init_lora_weights=\"pissa\").")
         loftq_config = peft.LoftQConfig(**loftq_config) if isinstance(loftq_config, dict) else loftq_config
         init = "loftq"
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-                        target_modules=lora_targets, use_rslora=use_rslora, modules_to_save=trained_fully or None,
+                        target_modules=lora_targets, use_rslora=use_rslora, modules_to_save=list(trained_fully) or None,
                         init_lora_weights=init, loftq_config=loftq_config or {}, **kwargs)
 
     if isinstance(model, PeftModel):
@@ -170,17 +173,17 @@ def _upcast_trained_modules(peft_model, names) -> None:
     """
     from peft.utils import ModulesToSaveWrapper
 
+    # Collect first: tied copies share one Parameter, and upcasting one changes the other's dtype too.
+    sixteen_bit = []
     for full_name, module in peft_model.named_modules():
-        if not isinstance(module, ModulesToSaveWrapper) or full_name.rsplit(".", 1)[-1] not in names:
-            continue
-        for trained in module.modules_to_save.values():
-            weight = getattr(trained, "weight", None)
-            if weight is None or weight.dtype not in (torch.float16, torch.bfloat16):
-                continue
-            model_dtype = weight.dtype
-            trained.float()
-            if isinstance(trained, torch.nn.Embedding):
-                trained.register_forward_hook(lambda mod, args, out, dt=model_dtype: out.to(dt))
-            else:
-                trained.register_forward_pre_hook(
-                    lambda mod, args: (args[0].to(torch.float32),) + tuple(args[1:]))
+        if isinstance(module, ModulesToSaveWrapper) and full_name.rsplit(".", 1)[-1] in names:
+            for trained in module.modules_to_save.values():
+                weight = getattr(trained, "weight", None)
+                if weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+                    sixteen_bit.append((trained, weight.dtype))
+    for trained, model_dtype in sixteen_bit:
+        trained.float()
+        if isinstance(trained, torch.nn.Embedding):
+            trained.register_forward_hook(lambda mod, args, out, dt=model_dtype: out.to(dt))
+        else:
+            trained.register_forward_pre_hook(lambda mod, args: (args[0].to(torch.float32),) + tuple(args[1:]))
