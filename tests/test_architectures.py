@@ -15,7 +15,7 @@ def _quantized_layer_type(model):
 
 def _train_three_steps(model, tokenizer):
     batch = tokenizer(["Paris is the capital of France.", "One, two, three, four."], padding=True,
-                      return_tensors="pt")
+                      return_tensors="pt").to(model.device)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

@@ -12,7 +12,7 @@ from fastlm.loading.precision import resolve_dtype
 
 
 def _logits(model, tokenizer, text="Paris is the capital of France."):
-    batch = tokenizer(text, return_tensors="pt")
+    batch = tokenizer(text, return_tensors="pt").to(model.device)
     with torch.no_grad():
         return model(**batch).logits
 
@@ -220,7 +220,8 @@ def test_for_inference_and_for_training(tiny_checkpoint):
     FastLanguageModel.for_inference(model)
     assert not model.training and not base.is_gradient_checkpointing and base.config.use_cache
     assert tokenizer.padding_side == "left"
-    out = model.generate(**tokenizer(["Paris is", "One, two, three"], padding=True, return_tensors="pt"),
+    prompts = tokenizer(["Paris is", "One, two, three"], padding=True, return_tensors="pt").to(model.device)
+    out = model.generate(**prompts,
                          max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 3
     FastLanguageModel.for_training(model)

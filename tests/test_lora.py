@@ -7,7 +7,7 @@ from tests.fixtures.tiny_models import HIDDEN, VOCAB
 
 
 def _step(model, tokenizer, lr=1e-2):
-    batch = tokenizer(["Paris is the capital of France."], return_tensors="pt")
+    batch = tokenizer(["Paris is the capital of France."], return_tensors="pt").to(model.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     loss = model(**batch, labels=batch.input_ids).loss
@@ -126,3 +126,25 @@ def test_gradient_checkpointing_modes(tiny_checkpoint):
         model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode)
         assert model.get_base_model().is_gradient_checkpointing is expected
         assert _step(model, tokenizer) > 0  # trains with a 4-bit frozen base either way
+
+
+def test_4bit_gradients_unchanged_by_an_evaluation(tiny_checkpoint):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward the first time they run in
+    eval mode; fastlm turns that off, so gradients after for_inference + for_training equal those before."""
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"))
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights="gaussian")
+    batch = tokenizer(["Paris is the capital of France."], return_tensors="pt").to(model.device)
+
+    def lora_grads():
+        model.zero_grad()
+        model(**batch, labels=batch.input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = lora_grads()
+    FastLanguageModel.for_inference(model)
+    with torch.no_grad():
+        model(**batch)
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    FastLanguageModel.for_training(model)
+    after = lora_grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)

@@ -87,7 +87,7 @@ def test_example_training_embeddings(smollm2_dir):
         lora_alpha=16,
         use_gradient_checkpointing="unsloth",
     )
-    batch = tokenizer(["<|im_start|>user\nHi<|im_end|>"], return_tensors="pt")
+    batch = tokenizer(["<|im_start|>user\nHi<|im_end|>"], return_tensors="pt").to(model.device)
     loss = model(**batch, labels=batch.input_ids).loss
     loss.backward()
     embed = model.get_base_model().get_input_embeddings()

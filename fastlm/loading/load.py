@@ -85,6 +85,7 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         quantization_config=None if prequantized else precision.quantization_config(),
         device_map=_device_map(device_map, on_cuda), trust_remote_code=trust_remote_code, **model_kwargs)
     tokenizer = _load_tokenizer(adapter_dir, checkpoint, trust_remote_code)
+    _keep_cpu_4bit_weights_differentiable(model)
 
     if resize_model_vocab is not None:
         model.resize_token_embeddings(resize_model_vocab)
@@ -110,6 +111,19 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         prepare_for_adapters(model, use_gradient_checkpointing)
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     return model, tokenizer
+
+
+def _keep_cpu_4bit_weights_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight in place the first time the module runs in eval mode on a
+    CPU with AVX512-BF16, and from then on multiplies with a kernel that has no backward: after an evaluation,
+    training silently loses the gradient through every frozen 4-bit weight. The switch is an attribute of each
+    module instance; turning it off costs CPU generation speed, never correctness.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _prequantized_mode(config) -> Optional[str]:

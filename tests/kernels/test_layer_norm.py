@@ -67,6 +67,10 @@ def test_matches_reference(shape, dtypes, affine, device):
     if affine == "bias" and dtypes[0] != dtypes[1]:
         pytest.skip("torch's own layer_norm backward (the reference) rejects an fp32 bias without weight "
                     "on bf16 input (CPU: 'expected scalar type BFloat16 but found Float')")
+    if device == "cuda" and dtypes[0] != dtypes[1]:
+        pytest.skip("torch's CUDA layer_norm (the reference) rejects fp32 weights on bf16 input ('expected "
+                    "scalar type BFloat16 but found Float', seen on the H200 with torch 2.11); on the CPU it "
+                    "accepts them and the case is tested there")
     _check(*_inputs(shape, dtypes, device, affine), device)
 
 
