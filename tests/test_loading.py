@@ -51,6 +51,12 @@ def test_hub_id_from_cache_offline_with_revision(tiny_checkpoint, tmp_path, monk
         FastLanguageModel.from_pretrained("fastlm-test/tiny-llama", revision="v2", load_in_16bit=True)
 
 
+def test_revision_on_local_path_warns(tiny_checkpoint, caplog):
+    with caplog.at_level("WARNING", logger="fastlm"):
+        FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True, revision="v1")
+    assert any("revision='v1' applies to hub ids only" in r.getMessage() for r in caplog.records)
+
+
 def test_adapter_directory_loads_base_and_trainable_adapter(tiny_checkpoint, tmp_path):
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("qwen3"), load_in_16bit=True)
     model = FastLanguageModel.get_peft_model(model, r=4)

@@ -7,9 +7,12 @@ and offline mode. The token is passed to huggingface_hub only; it is never print
 """
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+logger = logging.getLogger("fastlm")
 
 # Files fetched from the hub: configs, tokenizers, chat templates and safetensors weights (never pickles).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -43,6 +46,9 @@ def resolve_source(model_name: str, token: Optional[str] = None, revision: Optio
         raise TypeError(f"model_name must be a path or a hub id string, got {type(model_name).__name__}.")
     model_name = os.path.expanduser(os.fspath(model_name))
     if os.path.exists(model_name):
+        if revision is not None:
+            logger.warning("fastlm: revision=%r applies to hub ids only; '%s' is a local path and loads as it is.",
+                           revision, model_name)
         return _classify_local(model_name)
     if _looks_like_local_path(model_name):
         raise FileNotFoundError(f"No such file or directory: '{model_name}'. Check the path, or pass a "
