@@ -1,0 +1,41 @@
+"""The public API mirrors Unsloth's FastLanguageModel argument for argument (names, order and defaults)."""
+import inspect
+
+import fastlm
+from fastlm import FastLanguageModel
+
+FROM_PRETRAINED = [
+    ("model_name", "unsloth/Llama-3.2-1B-Instruct"), ("max_seq_length", 2048), ("dtype", None),
+    ("load_in_4bit", True), ("load_in_8bit", False), ("load_in_16bit", False), ("full_finetuning", False),
+    ("token", None), ("device_map", "sequential"), ("rope_scaling", None), ("fix_tokenizer", True),
+    ("trust_remote_code", False), ("use_gradient_checkpointing", "unsloth"), ("resize_model_vocab", None),
+    ("revision", None), ("use_exact_model_name", False), ("offload_embedding", False),
+    ("float32_mixed_precision", None), ("fast_inference", False), ("gpu_memory_utilization", 0.5),
+    ("float8_kv_cache", False), ("random_state", 3407), ("max_lora_rank", 64), ("disable_log_stats", True),
+    ("qat_scheme", None), ("load_in_fp8", False), ("unsloth_tiled_mlp", False)]
+GET_PEFT_MODEL = [
+    ("r", 16), ("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("lora_alpha", 16), ("lora_dropout", 0), ("bias", "none"), ("use_gradient_checkpointing", "unsloth"),
+    ("random_state", 3407), ("use_rslora", False), ("loftq_config", None), ("modules_to_save", None)]
+
+
+def _named(signature):
+    return [(p.name, p.default) for p in signature.parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def test_from_pretrained_signature():
+    signature = inspect.signature(FastLanguageModel.from_pretrained)
+    assert _named(signature) == FROM_PRETRAINED
+    kinds = [p.kind for p in signature.parameters.values()]
+    assert kinds[-2:] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
+
+
+def test_get_peft_model_signature():
+    signature = inspect.signature(FastLanguageModel.get_peft_model)
+    assert _named(signature) == [("model", inspect.Parameter.empty)] + GET_PEFT_MODEL
+
+
+def test_public_names():
+    assert fastlm.__all__ == ["FastLanguageModel", "__version__"]
+    assert callable(FastLanguageModel.for_inference) and callable(FastLanguageModel.for_training)
