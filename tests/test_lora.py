@@ -43,6 +43,9 @@ def test_train_embeddings_in_fp32_on_16bit_model(tiny_checkpoint, model_type):
     assert not torch.equal(embed.weight.detach(), before)
     if tied:
         assert embed.weight is head.weight or torch.equal(embed.weight, head.weight), "tied embeddings diverged"
+    same = FastLanguageModel.get_peft_model(model, r=4, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"])
+    assert same is model
 
 
 def test_tied_model_training_only_lm_head_keeps_embeddings_tied(tiny_checkpoint):

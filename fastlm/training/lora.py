@@ -13,6 +13,9 @@ logger = logging.getLogger("fastlm")
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 _BIAS = ("none", "all", "lora_only")
+# Submodule names PEFT creates inside its wrappers.
+_PEFT_INTERNAL = {"base_layer", "original_module", "modules_to_save", "lora_A", "lora_B", "lora_embedding_A",
+                  "lora_embedding_B", "lora_dropout", "lora_magnitude_vector"}
 # Settings compared when get_peft_model meets a model that already has an adapter.
 _COMPARED = ("r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "target_modules", "modules_to_save")
 
@@ -38,10 +41,16 @@ def _check_number(name, value, low, low_inclusive, high=None):
 
 
 def _module_leaf_names(model) -> list:
-    """Leaf names of the modules LoRA can target (linear layers and embeddings), e.g. q_proj, lm_head."""
+    """Leaf names of the modules LoRA can target (linear layers and embeddings), e.g. q_proj, lm_head.
+
+    On a model PEFT already wrapped, the wrappers (LoRA layers, ModulesToSaveWrapper) stand for their modules."""
     names = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or "Linear" in type(module).__name__:
+        wrapped = hasattr(module, "base_layer") or hasattr(module, "original_module")
+        inside_wrapper = any(part in _PEFT_INTERNAL for part in full_name.split("."))
+        if inside_wrapper:
+            continue
+        if wrapped or isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or "Linear" in type(module).__name__:
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -145,13 +154,14 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
                         target_modules=lora_targets, use_rslora=use_rslora, modules_to_save=list(trained_fully) or None,
                         init_lora_weights=init, loftq_config=loftq_config or {}, **kwargs)
 
+    requested = _describe(config)  # before PEFT rewrites modules_to_save for tied weights
     if isinstance(model, PeftModel):
-        existing = model.peft_config[model.active_adapter]
-        if _describe(existing) == _describe(config):
+        existing = getattr(model, "fastlm_lora_settings", None) or _describe(model.peft_config[model.active_adapter])
+        if existing == requested:
             print("fastlm: the model already has this LoRA adapter; returning it unchanged.")
             return model
-        raise ValueError(f"The model already has a LoRA adapter with other settings ({_describe(existing)}); "
-                         f"asked for {_describe(config)}. Load the base model again to add a different adapter.")
+        raise ValueError(f"The model already has a LoRA adapter with other settings ({existing}); asked for "
+                         f"{requested}. Load the base model again to add a different adapter.")
 
     torch.manual_seed(random_state)
     if state is not None:
@@ -161,6 +171,7 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
     peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=fp32_trainable)
     if fp32_trainable:
         _upcast_trained_modules(peft_model, trained_fully)
+    peft_model.fastlm_lora_settings = requested
     peft_model.print_trainable_parameters()
     return peft_model
 
