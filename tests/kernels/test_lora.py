@@ -1,0 +1,217 @@
+"""Fused LoRA math (fastlm.kernels.lora) vs its plain-PyTorch definition: outputs, dx, dA, dB.
+
+Tolerance: the fused code sums the same products in another order (x W^T then += s (x A^T) B^T in one
+addmm; dx accumulated over projections), so each element may differ from the reference by the rounding of
+a reordered dot product. We accept |exact - ours| <= |exact - reference| + 16 ulp(dtype) * max|exact|:
+a reordered K-term sum moves a result by a few ulps of the largest partial sums, which are bounded by
+max|exact| times a small factor for these random inputs (K <= 200); 16 ulps leaves room for the fp32
+activation kernel's single rounding too.
+"""
+import pytest
+import torch
+
+from fastlm.kernels import lora as op
+from tests.kernels.check import ULP, assert_no_worse_than_reference
+
+
+def _close(ours, ref, exact, dtype, name):
+    atol = 16 * ULP[dtype] * float(exact.detach().abs().max())
+    assert_no_worse_than_reference(ours, ref, exact, atol=atol, name=name)
+
+
+def _dense(n, k, dtype, device, bias=False, gen=None):
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype) if bias else None
+    return op.DenseWeight(w, b)
+
+
+def _lora(n, k, r, device, gen, scale=2.0, grad=True):
+    a = (torch.randn(r, k, generator=gen) / k ** 0.5).to(device).requires_grad_(grad)
+    b = (torch.randn(n, r, generator=gen) / r ** 0.5).to(device).requires_grad_(grad)
+    return op.LoRA(a, b, scale)
+
+
+def _grads(outs, inputs, upstream):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(outs, wanted, upstream)
+
+
+def _to64(base):
+    if isinstance(base, op.DenseWeight):
+        return op.DenseWeight(base.weight.double(), None if base.bias is None else base.bias.double())
+    return op.DenseWeight(base.materialize(torch.float32).double().clone(),
+                          None if base.bias is None else base.bias.double())
+
+
+def _lora64(lora):
+    if lora is None:
+        return None
+    return op.LoRA(lora.A.detach().double().requires_grad_(), lora.B.detach().double().requires_grad_(), lora.scale)
+
+
+def _params(x, loras):
+    return [x] + [t for lo in loras if lo is not None for t in (lo.A, lo.B)]
+
+
+def _check_projections(x, bases, loras, dtype, name):
+    gen = torch.Generator().manual_seed(1)
+    outs = op.lora_projections(x, bases, loras)
+    ups = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+    got = _grads(outs, _params(x, loras), ups)
+    refs = [op.reference_projection(x, b, lo) for b, lo in zip(bases, loras)]
+    ref_grads = _grads(refs, _params(x, loras), ups)
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in loras]
+    exact = [op.reference_projection(x64, _to64(b), lo) for b, lo in zip(bases, loras64)]
+    exact_grads = _grads(exact, _params(x64, loras64), [u.double() for u in ups])
+    for i, (o, r, e) in enumerate(zip(outs, refs, exact)):
+        assert o.shape == r.shape and o.dtype == x.dtype
+        _close(o, r, e, dtype, f"{name} y{i}")
+    for i, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
+        _close(g, r, e, dtype, f"{name} grad{i}")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 64), (5, 67), (1, 1, 3)])
+def test_projections_dense_fp32(shape, device):
+    gen = torch.Generator().manual_seed(0)
+    k = shape[-1]
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    bases = [_dense(48, k, torch.float32, device, bias=True, gen=gen), _dense(17, k, torch.float32, device, gen=gen),
+             _dense(17, k, torch.float32, device, gen=gen)]
+    loras = [_lora(48, k, 4, device, gen), None, _lora(17, k, 3, device, gen, scale=0.5)]
+    _check_projections(x, bases, loras, torch.float32, f"dense {shape}")
+
+
+def test_projections_nf4_and_int8(device):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator().manual_seed(0)
+    k = 128
+    w = torch.randn(96, k, generator=gen).to(device)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    nf4 = op.NF4Weight(packed, state)
+    assert torch.equal(nf4.materialize(torch.float32), bnbf.dequantize_4bit(packed, state))
+    cb, scb, _ = bnbf.int8_vectorwise_quant(w[:40].half())
+    int8 = op.Int8Weight(cb, scb, torch.randn(40, generator=gen).to(device))
+    exact_w = (cb.double() * (scb.double() / 127).unsqueeze(1))
+    assert torch.allclose(int8.materialize(torch.float32).double(), exact_w, rtol=ULP[torch.float32], atol=0)
+    x = torch.randn(3, 9, k, generator=gen).to(device).requires_grad_()
+    _check_projections(x, [nf4, int8], [_lora(96, k, 8, device, gen), _lora(40, k, 8, device, gen)],
+                       torch.float32, "nf4+int8")
+
+
+def test_workspace_is_shared_across_shapes(device):
+    gen = torch.Generator().manual_seed(0)
+    cb = torch.randint(-127, 128, (64, 32), generator=gen, dtype=torch.int8).to(device)
+    a = op.Int8Weight(cb, torch.rand(64).to(device) + 1).materialize(torch.float32)
+    b = op.Int8Weight(cb.T.contiguous(), torch.rand(32).to(device) + 1).materialize(torch.float32)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_only_needed_grads(device):
+    """Frozen A/B get no gradient, and an input that does not require grad gets none either."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=gen).to(device)
+    frozen, trained = _lora(16, 32, 2, device, gen, grad=False), _lora(16, 32, 2, device, gen)
+    base = _dense(16, 32, torch.float32, device, gen=gen)
+    y = op.lora_projections(x, [base, base], [frozen, trained])
+    sum(t.sum() for t in y).backward()
+    assert frozen.A.grad is None and frozen.B.grad is None
+    assert trained.A.grad is not None and trained.B.grad is not None
+
+
+MLP_CASES = [("silu", 2, (True, True, True)), ("silu", 1, (True, True)), ("gelu_tanh", 2, (False, True, True)),
+             ("gelu", 2, (True, False, False)), ("gelu_tanh", 1, (False, True))]
+
+
+@pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
+@pytest.mark.parametrize("inplace", [True, False])
+def test_mlp_fp32(activation, n_in, with_lora, inplace, device):
+    gen = torch.Generator().manual_seed(0)
+    h, i = 40, 56
+    x = (2 * torch.randn(3, 5, h, generator=gen)).to(device).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+    in_bases = [_dense(wd, h, torch.float32, device, bias=(j == 0), gen=gen) for j, wd in enumerate(widths)]
+    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
+    down = _dense(h, i, torch.float32, device, gen=gen)
+    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    params = _params(x, in_loras + [down_lora])
+    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, inplace_backward=inplace)
+    up = torch.randn(y.shape, generator=gen).to(device)
+    got = _grads([y], params, [up])
+    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
+    ref_grads = _grads([ref], params, [up])
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
+    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
+    exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
+    _close(y, ref, exact, torch.float32, "y")
+    for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
+        _close(g, r, e, torch.float32, f"grad{j}")
+
+
+def test_mlp_without_triton_matches(device, monkeypatch):
+    """The plain-PyTorch activation path (a CPU without the interpreter) gives the same numbers."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=gen).to(device).requires_grad_()
+    bases = [_dense(24, 32, torch.float32, device, gen=gen) for _ in range(2)]
+    loras = [_lora(24, 32, 2, device, gen) for _ in range(2)]
+    down, down_lora = _dense(32, 24, torch.float32, device, gen=gen), _lora(32, 24, 2, device, gen)
+    params = _params(x, loras + [down_lora])
+
+    def run():
+        y = op.lora_mlp(x, bases, loras, down, down_lora, "gelu_tanh")
+        return [y] + list(torch.autograd.grad(y.square().sum(), params))
+    with_kernels = run()
+    monkeypatch.setattr(op, "use_triton", lambda *tensors: False)
+    without = run()
+    for a, b in zip(with_kernels, without):
+        # fp32 kernel vs fp32 torch activation: a few fp32 ulps apart, relative to the largest value.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()))
+
+
+def test_mlp_second_backward_raises(device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=gen).to(device).requires_grad_()
+    bases = [_dense(8, 16, torch.float32, device, gen=gen) for _ in range(2)]
+    y = op.lora_mlp(x, bases, [None, None], _dense(16, 8, torch.float32, device, gen=gen), None, "silu")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        y.sum().backward()
+
+
+def test_bad_shapes_raise(device):
+    base = _dense(8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="features"):
+        op.lora_projections(torch.randn(2, 15), [base], [None])
+    with pytest.raises(ValueError, match="activation"):
+        op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 8, torch.float32, device), None, "relu")
+    with pytest.raises(ValueError, match="MLP shapes"):
+        op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 9, torch.float32, device), None, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_mlp_bf16_gpu(n_in):
+    """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is."""
+    gen = torch.Generator().manual_seed(0)
+    h, i = 256, 704
+    x = torch.randn(2, 129, h, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+    in_bases = [_dense(wd, h, torch.bfloat16, "cuda", gen=gen) for wd in widths]
+    in_loras = [_lora(wd, h, 16, "cuda", gen) for wd in widths]
+    down, down_lora = _dense(h, i, torch.bfloat16, "cuda", gen=gen), _lora(h, i, 16, "cuda", gen)
+    params = _params(x, in_loras + [down_lora])
+    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu")
+    up = torch.randn(y.shape, generator=gen).to("cuda", torch.bfloat16)
+    got = _grads([y], params, [up])
+    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, "silu")
+    ref_grads = _grads([ref], params, [up])
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
+    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], "silu")
+    exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
+    # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged
+    # at bf16 precision.
+    _close(y, ref, exact, torch.bfloat16, "y")
+    for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
+        _close(g, r, e, torch.bfloat16, f"grad{j}")
