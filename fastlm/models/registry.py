@@ -25,10 +25,14 @@ class ModelSpec:
         embedding_scale: embeddings are multiplied by sqrt(hidden_size) (Gemma family).
         attn_softcap_key / final_softcap_key: config attributes holding tanh soft-capping of attention
             scores / final logits (Gemma 2), or None.
-        sliding_window: some or all layers attend within `config.sliding_window` (Mistral, Gemma 2/3, Qwen 2).
+        sliding_window: where the attention call's `sliding_window` argument comes from, as transformers
+            writes it per family: "layer" (the attention module's own `sliding_window`, set from
+            `config.layer_types`: Qwen 2/3, Gemma 2/3), "config" (`config.sliding_window` for every layer:
+            Mistral, Phi-3) or None (not passed: Llama, Gemma).
         fused_projections: names of projections that hold several logical ones (Phi-3: qkv_proj holds q,k,v;
             gate_up_proj holds gate,up). LoRA targets these names instead of the split ones.
         extra_norms: norms beyond input/post-attention ones (Gemma 2/3 pre/post feed-forward norms).
+        mlp_activation_attr: the MLP attribute holding the activation module ("act_fn"; Phi-3 "activation_fn").
     """
     model_type: str
     norm: str = "rms"
@@ -38,9 +42,10 @@ class ModelSpec:
     embedding_scale: bool = False
     attn_softcap_key: Optional[str] = None
     final_softcap_key: Optional[str] = None
-    sliding_window: bool = False
+    sliding_window: Optional[str] = None
     fused_projections: dict = field(default_factory=dict)
     extra_norms: tuple = ()
+    mlp_activation_attr: str = "act_fn"
 
     def lora_targets(self, requested) -> list:
         """Map Unsloth-style target names onto this family's module names (Phi-3's fused projections)."""
@@ -61,17 +66,19 @@ SUPPORTED = {
     spec.model_type: spec
     for spec in (
         ModelSpec("llama"),
-        ModelSpec("mistral", sliding_window=True),
-        ModelSpec("qwen2", qkv_bias=True, sliding_window=True),
-        ModelSpec("qwen3", qk_norm=True, sliding_window=True),
+        ModelSpec("mistral", sliding_window="config"),
+        ModelSpec("qwen2", qkv_bias=True, sliding_window="layer"),
+        ModelSpec("qwen3", qk_norm=True, sliding_window="layer"),
         ModelSpec("gemma", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True),
         ModelSpec("gemma2", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True,
                   attn_softcap_key="attn_logit_softcapping", final_softcap_key="final_logit_softcapping",
-                  sliding_window=True, extra_norms=_GEMMA_NORMS),
+                  sliding_window="layer", extra_norms=_GEMMA_NORMS),
+        # Gemma 3 keeps attn_logit_softcapping in its config but does not pass it to attention.
         ModelSpec("gemma3_text", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True, qk_norm=True,
-                  final_softcap_key="final_logit_softcapping", sliding_window=True, extra_norms=_GEMMA_NORMS),
-        ModelSpec("phi3", fused_projections={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
-                                             "gate_up_proj": ("gate_proj", "up_proj")}),
+                  final_softcap_key="final_logit_softcapping", sliding_window="layer", extra_norms=_GEMMA_NORMS),
+        ModelSpec("phi3", sliding_window="config", mlp_activation_attr="activation_fn",
+                  fused_projections={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                     "gate_up_proj": ("gate_proj", "up_proj")}),
     )
 }
 
