@@ -5,12 +5,15 @@ approximation: fastlm, eager reference, torch.compile(reference), Liger-Kernel (
 the tanh approximation; it writes its gradients into its inputs, so it gets its own copies), and fastlm
 with the in-place backward (non-leaf gate/up; same bytes, less peak memory; values drift over the timed
 iterations, which does not change the work). fwd+bwd uses torch.autograd.grad (no .grad accumulation).
+fastlm, eager and torch.compile also get "[GPU]" rows: the same work replayed from a CUDA graph (kernel
+time only; see bench.kernel_ops.gpu_ms).
 """
 import functools
 
 import torch
 
 from bench.common import peak_mib, time_ms
+from bench.kernel_ops import gpu_ms
 from fastlm.kernels import geglu
 
 M, N = 16384, 14336
@@ -53,6 +56,9 @@ def run(record):
 
             fwd()  # compile outside the timing
             record(op, f"{name} fwd", time_ms(fwd), bytes_moved=3 * tensor_bytes, peak_mib=peak_mib(fwd), note=shape)
+            if name != "liger":  # (Liger writes its gradients into its inputs: replays would compound)
+                record(op, f"{name} fwd [GPU]", gpu_ms(fwd, n=3), bytes_moved=3 * tensor_bytes,
+                       note="CUDA-graph replay")
             g.requires_grad_(), u.requires_grad_()
 
             def fwd_bwd():
@@ -61,6 +67,9 @@ def run(record):
             fwd_bwd()
             record(op, f"{name} fwd+bwd", time_ms(fwd_bwd), bytes_moved=8 * tensor_bytes,
                    peak_mib=peak_mib(fwd_bwd), note=shape)
+            if name != "liger":
+                record(op, f"{name} fwd+bwd [GPU]", gpu_ms(fwd_bwd, n=3), bytes_moved=8 * tensor_bytes,
+                       note="CUDA-graph replay")
             del g, u
             torch.cuda.empty_cache()
 

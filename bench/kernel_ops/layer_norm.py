@@ -4,11 +4,13 @@ Variants: eager F.layer_norm, torch.compile of it, Liger-Kernel 0.8.5 (liger_lay
 importable, fastlm. Bytes that must move, counted as for RMSNorm in issue 3: forward x read + y written
 = 2 tensors; forward+backward x, y, x again, dy, dx = 5 tensors (weight, bias, statistics and partials
 not counted). Forward runs under no_grad; forward+backward uses torch.autograd.grad (no .grad
-accumulation kernel). Then fastlm's tuning constants are swept (as in bench/kernel_ops/rms_norm.py).
+accumulation kernel). Each pass also gets a "[GPU]" row: the same work replayed from a CUDA graph
+(kernel time only; see bench.kernel_ops.gpu_ms). Tuning constants: swept by bench/tune_norms.py.
 """
 import torch
 
 from bench.common import peak_mib, time_ms
+from bench.kernel_ops import gpu_ms
 from fastlm.kernels import layer_norm as ln
 
 T, H = 16384, 4096
@@ -46,10 +48,13 @@ def _measure(record, op, name, fn, x, w, b, dy, fwd_only=False):
         ms = time_ms(fwd)
         record(op, f"fwd {name}", ms, bytes_moved=2 * tensor_bytes, peak_mib=peak_mib(fwd),
                note=f"max|y - fp32 ref| {err:.3g}")
+        record(op, f"fwd {name} [GPU]", gpu_ms(fwd), bytes_moved=2 * tensor_bytes, note="CUDA-graph replay")
         if not fwd_only:
             fwd_bwd()
             ms = time_ms(fwd_bwd)
             record(op, f"fwd+bwd {name}", ms, bytes_moved=5 * tensor_bytes, peak_mib=peak_mib(fwd_bwd))
+            record(op, f"fwd+bwd {name} [GPU]", gpu_ms(fwd_bwd), bytes_moved=5 * tensor_bytes,
+                   note="CUDA-graph replay")
     except Exception as exc:  # an API change or OOM in one variant: keep measuring the others
         record(op, name, float("nan"), note=repr(exc)[:200])
     if DEVICE == "cuda":
@@ -65,18 +70,3 @@ def run(record):
     op = f"layer_norm {T}x{H}"
     for name, fn in _candidates().items():
         _measure(record, op, name, fn, x, w, b, dy)
-
-    saved = (ln.PERSISTENT, ln.ELEMS_PER_WARP, ln.TILE_ELEMS)
-    fn = lambda x, w, b: ln.layer_norm(x, w, b, EPS)  # noqa: E731
-    try:
-        for persistent in (True, False):
-            for per_warp in (256, 512, 1024):
-                ln.PERSISTENT, ln.ELEMS_PER_WARP = persistent, per_warp
-                _measure(record, f"{op} sweep", f"fastlm PERSISTENT={persistent} ELEMS_PER_WARP={per_warp}",
-                         fn, x, w, b, dy, fwd_only=True)
-        ln.PERSISTENT = saved[0]
-        for per_warp in (256, 512, 1024):
-            ln.ELEMS_PER_WARP = per_warp
-            _measure(record, f"{op} sweep", f"fastlm ELEMS_PER_WARP={per_warp}", fn, x, w, b, dy)
-    finally:
-        ln.PERSISTENT, ln.ELEMS_PER_WARP, ln.TILE_ELEMS = saved

@@ -9,13 +9,16 @@ Decode matmul y = x @ W.T, x (M, 4096) for M in 1, 4, 16, nested absmax, bytes =
 fastlm nf4_matmul (default split-K and split_k=1), fastlm dequant + cuBLAS, bnb.matmul_4bit (its fused
 gemm_4bit kernel when no grad is needed), and a dense bf16 x @ W.T for scale (bytes: its bf16 weight).
 bitsandbytes is optional: without it a random QuantState-like object is built (same attributes) and only
-fastlm and the references are timed.
+fastlm and the references are timed. The dequantizations also get "[GPU]" rows: one call per CUDA-graph
+replay, L2 flushed before each (kernel time only; see bench.kernel_ops.gpu_ms: on the H200 the host work
+of one call takes longer than the 0.04 ms kernel).
 """
 import types
 
 import torch
 
 from bench.common import time_ms
+from bench.kernel_ops import gpu_ms
 from fastlm.kernels import nf4
 
 N, K, BLOCK = 14336, 4096, 64
@@ -80,6 +83,8 @@ def _dequant(record, nested, bnbf):
         try:
             fn()  # compile outside the timing
             record(op, name, time_ms(fn), bytes_moved=bytes_moved, note=note if name.startswith("fastlm") else "")
+            if not name.startswith("eager"):
+                record(op, f"{name} [GPU]", gpu_ms(fn, n=1), bytes_moved=bytes_moved, note="CUDA-graph replay")
         except Exception as exc:  # keep measuring the others
             record(op, name, float("nan"), note=repr(exc)[:200])
     del packed, qs, buf

@@ -7,12 +7,14 @@ counts them: forward x read + y written = 2 tensors; forward+backward x, y, x ag
 (weights, rstd and dw partials not counted). Forward runs under no_grad; forward+backward uses
 torch.autograd.grad (no .grad accumulation kernel).
 
-Then a sweep of fastlm's tuning constants (Llama style, 16384x4096) so the lead can set them from
-the table: PERSISTENT x ELEMS_PER_WARP for the forward, TILE_ELEMS x ELEMS_PER_WARP for fwd+bwd.
+Each variant gets two rows per pass: do_bench around the call (host work included), and "[GPU]", the
+same work replayed from a CUDA graph (kernel time only; see bench.kernel_ops.gpu_ms for why both).
+The tuning constants were swept by bench/tune_norms.py (2026-11-28); their choice is in the kernel file.
 """
 import torch
 
 from bench.common import peak_mib, time_ms
+from bench.kernel_ops import gpu_ms
 from fastlm.kernels import rms_norm as rn
 
 T, H, HEADS, HEAD_DIM = 16384, 4096, 32, 128
@@ -65,36 +67,17 @@ def _measure(record, op, name, fn, x, w, dy, gemma=False, fwd_only=False, note="
         ms = time_ms(fwd)
         record(op, f"fwd {name}", ms, bytes_moved=2 * tensor_bytes, peak_mib=peak_mib(fwd),
                note=f"{note} max|y - fp32 ref| {err:.3g}".strip())
+        record(op, f"fwd {name} [GPU]", gpu_ms(fwd), bytes_moved=2 * tensor_bytes, note="CUDA-graph replay")
         if fwd_only:
             return
         fwd_bwd()
         ms = time_ms(fwd_bwd)
         record(op, f"fwd+bwd {name}", ms, bytes_moved=5 * tensor_bytes, peak_mib=peak_mib(fwd_bwd), note=note)
+        record(op, f"fwd+bwd {name} [GPU]", gpu_ms(fwd_bwd), bytes_moved=5 * tensor_bytes, note="CUDA-graph replay")
     except Exception as exc:  # an API change or OOM in one variant: keep measuring the others
         record(op, f"{name}", float("nan"), note=repr(exc)[:200])
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-
-
-def _sweep(record):
-    x, w, dy = _inputs((T, H), False)
-    saved = (rn.PERSISTENT, rn.ELEMS_PER_WARP, rn.TILE_ELEMS)
-    fn = lambda x, w: rn.rms_norm(x, w, EPS)  # noqa: E731
-    op = f"rms_norm llama {T}x{H} sweep"
-    try:
-        for persistent in (True, False):
-            for per_warp in (256, 512, 1024):
-                rn.PERSISTENT, rn.ELEMS_PER_WARP = persistent, per_warp
-                _measure(record, op, f"fastlm PERSISTENT={persistent} "
-                         f"ELEMS_PER_WARP={per_warp}", fn, x, w, dy, fwd_only=True)
-        rn.PERSISTENT = saved[0]
-        for tile in (4096, 8192):
-            for per_warp in (256, 512, 1024):
-                rn.TILE_ELEMS, rn.ELEMS_PER_WARP = tile, per_warp
-                _measure(record, op, f"fastlm TILE_ELEMS={tile} "
-                         f"ELEMS_PER_WARP={per_warp}", fn, x, w, dy)
-    finally:
-        rn.PERSISTENT, rn.ELEMS_PER_WARP, rn.TILE_ELEMS = saved
 
 
 def run(record):
@@ -109,4 +92,3 @@ def run(record):
     for name, fn in _candidates(False).items():
         _measure(record, f"rms_norm q-norm {T}x{HEADS}x{HEAD_DIM}", name, fn, x, w, dy)
     del x, w, dy
-    _sweep(record)

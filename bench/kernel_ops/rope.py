@@ -4,11 +4,13 @@ Bytes that must move (issue 3): q and k read and written, i.e. 2x (q + k) forwar
 (cos/sin, 0.5 KB per token against 20 KB of q/k, are not counted). Inputs are HF's layout: q (B, H, T, D)
 as a transpose of a (B, T, H, D) tensor. Variants: fastlm, eager reference, torch.compile(reference),
 Liger-Kernel (rotates in place; it gets its own copies), and fastlm in place without grad (inference).
-fwd+bwd uses torch.autograd.grad, so no .grad accumulation is timed.
+fwd+bwd uses torch.autograd.grad, so no .grad accumulation is timed. Each pass also gets a "[GPU]" row: the
+same work replayed from a CUDA graph (kernel time only; see bench.kernel_ops.gpu_ms).
 """
 import torch
 
 from bench.common import peak_mib, time_ms
+from bench.kernel_ops import gpu_ms
 from fastlm.kernels import rope
 
 B, T, H, HKV, D = 2, 8192, 32, 8, 128
@@ -57,6 +59,7 @@ def run(record):
 
         fwd()  # compile / autotune outside the timing
         record("rope", f"{name} fwd", time_ms(fwd), bytes_moved=2 * qk_bytes, peak_mib=peak_mib(fwd), note=shape)
+        record("rope", f"{name} fwd [GPU]", gpu_ms(fwd), bytes_moved=2 * qk_bytes, note="CUDA-graph replay")
 
         ql, kl = qb.requires_grad_(), kb.requires_grad_()
 
@@ -67,6 +70,7 @@ def run(record):
         fwd_bwd()
         record("rope", f"{name} fwd+bwd", time_ms(fwd_bwd), bytes_moved=4 * qk_bytes, peak_mib=peak_mib(fwd_bwd),
                note=shape)
+        record("rope", f"{name} fwd+bwd [GPU]", gpu_ms(fwd_bwd), bytes_moved=4 * qk_bytes, note="CUDA-graph replay")
         del qb, kb, q, k, ql, kl
         torch.cuda.empty_cache()
 

@@ -51,7 +51,11 @@ _CODES = {}
 
 # Elements per program of the dequant kernel: 4096 (2 KiB packed in, 8 KiB bf16 out) with 4 warps is
 # one 16-byte packed load per thread and 4 16-byte stores. Chosen by rule (16 B vectors, enough
-# programs: 14,336 for a 14336x4096 weight); to be measured on the H200.
+# programs: 14,336 for a 14336x4096 weight). H200 (bench/tune_norms.py, 2026-11-28, 14336x4096 bf16, GPU
+# time per call, plain absmax): 4096/4 warps 0.0401 ms, 4096/8 0.0433, 8192/4 0.0397, 8192/8 0.0399,
+# 16384/8 0.0440, 2048/4 0.0414 (nested: 0.0391 at 4096/4, 0.0389 at 8192/4): kept. That is 82-88% of
+# the copy bandwidth; timed around the host call it read 63% once: the host work (~45 us plain, ~65 us
+# nested on that CPU) then showed, hence the trimmed host path (_f32, _packed_arg, _offset).
 DEQUANT_TILE = 4096
 DEQUANT_WARPS = 4
 # Fused matmul tiles. BLOCK_M = 16 is tl.dot's minimum; BLOCK_N = 32 gives 448 programs for N = 14336
@@ -80,10 +84,19 @@ def _flat_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _offset(qs, device) -> torch.Tensor:
+    """The nested offset as an fp32 tensor of one element on `device` (bnb's own tensor when it is one)."""
     off = qs.offset
+    if torch.is_tensor(off) and off.dtype == torch.float32 and off.device == device and off.numel() == 1:
+        return off
     if not torch.is_tensor(off):
         off = torch.tensor(float(off))
     return off.to(device=device, dtype=torch.float32).reshape(1)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous fp32 tensor, without an ATen call when it already is one (each costs ~5-20 us of
+    host time on the H200 machine's CPU, more than a 14336 x 4096 dequantization's GPU time takes)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _absmax_fp32(qs) -> torch.Tensor:
@@ -187,10 +200,15 @@ def _state_args(qs, device):
         s2 = qs.state2
         if s2.blocksize & (s2.blocksize - 1):
             raise ValueError(f"state2.blocksize must be a power of two, got {s2.blocksize}")
-        return (qs.absmax.contiguous(), code, s2.code.float().contiguous(), s2.absmax.float().contiguous(),
-                _offset(qs, device), s2.blocksize)
-    absmax = qs.absmax if qs.absmax.dtype == torch.float32 else qs.absmax.float()
-    return absmax.contiguous(), code, code, absmax, absmax, 1   # unused slots get any valid pointer
+        absmax = qs.absmax if qs.absmax.is_contiguous() else qs.absmax.contiguous()
+        return absmax, code, _f32(s2.code), _f32(s2.absmax), _offset(qs, device), s2.blocksize
+    absmax = _f32(qs.absmax)
+    return absmax, code, code, absmax, absmax, 1   # unused slots get any valid pointer
+
+
+def _packed_arg(packed: torch.Tensor) -> torch.Tensor:
+    """The packed bytes for a kernel pointer: bnb's own contiguous uint8 tensor as is, else a flat view."""
+    return packed if packed.dtype == torch.uint8 and packed.is_contiguous() else _flat_bytes(packed)
 
 
 def _launch_opts() -> dict:
@@ -228,7 +246,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: Optional[torch.Tensor
     rows = max(1, DEQUANT_TILE // bs)
     n_blocks = triton.cdiv(n, bs)
     _nf4_dequant_kernel[(triton.cdiv(n_blocks, rows),)](
-        _flat_bytes(packed), absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2, n_blocks,
+        _packed_arg(packed), absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2, n_blocks,
         BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested),
         MANUAL_BF16=interpreting() and out.dtype == torch.bfloat16, num_warps=DEQUANT_WARPS, **_launch_opts())
     return out

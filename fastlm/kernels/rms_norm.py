@@ -9,30 +9,43 @@ Two conventions of transformers, chosen by `gemma_style` (x: (..., N) fp32/fp16/
   Gemma/Gemma2/Gemma3 (`GemmaRMSNorm`), gemma_style=True:
       y = (x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).to(x.dtype)
 
-Statistics are fp32. Forward saves x and rstd (fp32, one per row); backward recomputes
-x_hat = x * rstd and, per row, with g = dy * w (Gemma: dy * (1 + w)):
+Statistics are fp32. Forward saves x and rstd (fp32, one per row; not even computed into memory when no
+graph is recorded); backward recomputes x_hat = x * rstd and, per row, with g = dy * w (Gemma: dy * (1 + w)):
       dx = rstd * (g - x_hat * mean(g * x_hat))        dw = sum_rows(dy * x_hat)
-dw is reduced in two steps: each program walks many rows and writes one fp32 partial row,
-the host sums the (programs, N) partials. Leading dimensions are flattened to rows.
+dw is reduced in two steps: each program of the (persistent) backward walks many rows and writes one
+fp32 partial row, then one small kernel sums the (programs, N) partials and casts them to w's dtype.
+Leading dimensions are flattened to rows.
+
+Speed (H200, 2026-11-28, bf16 16384 x 4096, GPU time from CUDA-graph replay; bench/RESULTS.md): forward
+0.066 ms (95% of the copy bandwidth), forward+backward 0.176 ms (89%) with torch's partial-row sum, which
+the sum_partials kernel has since replaced (on LayerNorm it took the sums from 15 to 4.8 us); the backward
+kernel alone 0.100 ms (94%). torch.compile 0.208 ms, Liger 0.290 ms in the same run. Timed the usual way
+(do_bench around torch.autograd.grad) every implementation's fwd+bwd read 0.3-0.9 ms there: the host, not
+the GPU, is the bound (~350 us of Python/ATen/autograd work per call on that machine's CPU), which is why
+the host path below avoids every avoidable ATen call.
 """
 import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels._utils import next_power_of_2, use_triton
+from fastlm.kernels._utils import next_power_of_2, sum_partials, use_triton
 
-# Tuning constants, chosen by rule and by ptxas register counts for sm_90 (triton 3.7, compiled
-# offline); their speed is to be measured on the H200 with bench/kernel_ops/rms_norm.py, which sweeps them.
+# Tuning constants. Rules first (ptxas register counts for sm_90, triton 3.7, compiled offline), then the
+# H200 measurements of bench/tune_norms.py (2026-11-28, torch 2.11, triton 3.6, GPU time by graph replay).
 TILE_ELEMS = 4096  # a program step handles ROWS rows of BLOCK columns, ROWS*BLOCK >= 4096, so short rows
 # (q/k-norm over head_dim 128) move as many bytes per step as one Llama hidden row (8 KB of bf16).
+# H200: q-norm 16384x32x128 fwd+bwd 0.178 ms at 4096, 0.175 at 8192, 0.181 at 2048 (noise level): kept.
 ELEMS_PER_WARP = 512  # warps = tile / 512 in [4, 16]: 16 elements per lane, i.e. two 16-byte bf16 vectors
 # per lane per tensor (4096 -> 8 warps, as Liger uses). ptxas registers/thread (bf16, sm_90): 8 warps at
 # N=4096 forward 40 (Gemma 47), backward 80; 16 warps at 8192: 40-48 and 90. At 16384 the backward spills
 # ~84 bytes/thread with 16 warps (76 with 32 warps, which cap registers at 64): left at 16.
-PERSISTENT = True  # grid = SMs x (programs one SM holds at once, from the compiled kernel's registers and
-# shared memory), each program striding over row tiles: the weight is loaded once per program, there is
-# no tail wave, and the backward writes one partial dw row per program. False: one tile per program
-# (the torch.compile/Liger layout; the backward stays persistent for its dw partials).
+# H200, 16384x4096 backward alone: 0.108 ms at 512, 0.125 at 256, 0.115 at 1024 (per element per warp).
+PERSISTENT = False  # forward grid: False = one row tile per program (the torch.compile/Liger layout);
+# True = SMs x (programs one SM holds at once), each striding over tiles. H200, 16384x4096 forward:
+# 0.0663 ms one tile per program vs 0.0727 persistent (Gemma 0.0689 vs 0.0710, q-norm 0.0668 vs 0.0733).
+# The backward is always persistent (one dw partial row per program); loading tile i+1 before reducing
+# tile i (a register prefetch) was tried there and gained nothing (0.108 vs 0.108 ms): the backward
+# kernel already moves its 3 tensors at 94% of the copy bandwidth.
 MAX_COLS = 65536  # above this a row no longer fits in registers; such rows use the reference.
 _INTERPRETER_PROGRAMS = 4  # on the CPU interpreter: a small grid that still runs several programs.
 
@@ -52,7 +65,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: bo
 
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
-                         GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                         GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, STORE_RSTD: tl.constexpr):
     """Persistent: program p normalises row tiles p, p + programs, ...; each tile is (ROWS, BLOCK)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -73,7 +86,8 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
         else:  # round x_hat to the input dtype first, then the product (rounded at the store)
             y = x_hat.to(X.dtype.element_ty).to(tl.float32) * w.to(tl.float32)[None, :]
         tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + rows, rstd, mask=row_mask)
+        if STORE_RSTD:
+            tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -139,10 +153,15 @@ def _grid(key, n_tiles: int, num_warps: int, device: torch.device, persistent: b
         return n_tiles
     if device.type != "cuda":
         return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
+    per_sm = _resident.get(key, max(1, 32 // num_warps))  # H200: capping it at 2 (or 1) per SM slowed
+    # the 16384x4096 backward from 0.108 to 0.112 (0.145) ms
+    return max(1, min(n_tiles, _device_props(device).multi_processor_count * per_sm))
+
+
+def _device_props(device: torch.device):
     if device.index not in _props:
         _props[device.index] = torch.cuda.get_device_properties(device)
-    per_sm = _resident.get(key, max(1, 32 // num_warps))
-    return max(1, min(n_tiles, _props[device.index].multi_processor_count * per_sm))
+    return _props[device.index]
 
 
 def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> None:
@@ -151,7 +170,7 @@ def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> Non
     n_regs = getattr(compiled, "n_regs", 0)
     if device.type != "cuda" or key in _resident or not n_regs:
         return
-    props = _props[device.index]
+    props = _device_props(device)  # (also reached after a non-persistent launch, which skips _grid's lookup)
     regs_per_warp = -(-n_regs * 32 // 256) * 256
     fits = [getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
             getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32]
@@ -163,21 +182,23 @@ def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> Non
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with unit column stride (a view when the layout allows)."""
-    t = t.reshape(-1, t.shape[-1])
+    if t.dim() != 2:  # (a 2-D input skips the reshape: each ATen call is ~5-20 us of host time)
+        t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool):
-    """x2: (rows, N); returns y (rows, N) and rstd (rows,) fp32."""
+def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool, store_rstd: bool = True):
+    """x2: (rows, N); returns y (rows, N) and rstd (rows,) fp32 (None unless store_rstd)."""
     n_rows, n_cols = x2.shape
     out_dtype = x2.dtype if gemma else torch.promote_types(x2.dtype, w.dtype)
     y = _alloc((n_rows, n_cols), out_dtype, x2.device)
-    rstd = _alloc((n_rows,), torch.float32, x2.device)
+    rstd = _alloc((n_rows,), torch.float32, x2.device) if store_rstd else None
     block, rows, num_warps = _tile(n_cols)
-    key = _key(x2.device.index, "fwd", block, rows, num_warps, gemma, x2.dtype, w.dtype, tensors=(x2,))
+    key = _key(x2.device.index, "fwd", block, rows, num_warps, gemma, store_rstd, x2.dtype, w.dtype, tensors=(x2,))
     programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
-    compiled = _rms_norm_fwd_kernel[(programs,)](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-                                                 GEMMA=gemma, ROWS=rows, BLOCK=block, num_warps=num_warps)
+    compiled = _rms_norm_fwd_kernel[(programs,)](x2, w, y, y if rstd is None else rstd, n_rows, n_cols,
+                                                 x2.stride(0), y.stride(0), eps, GEMMA=gemma, ROWS=rows,
+                                                 BLOCK=block, STORE_RSTD=store_rstd, num_warps=num_warps)
     _learn_residency(key, compiled, num_warps, x2.device)
     return y, rstd
 
@@ -187,35 +208,42 @@ def _backward(dy2, x2, w, rstd, gemma: bool, compute_dw: bool):
     n_rows, n_cols = x2.shape
     dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
     block, rows, num_warps = _tile(n_cols)
-    key = _key(x2.device.index, "bwd", block, rows, num_warps, gemma, compute_dw, x2.dtype, w.dtype, dy2.dtype,
-               tensors=(x2, dy2))
+    key = _key(x2.device.index, "bwd", block, rows, num_warps, gemma, compute_dw, x2.dtype, w.dtype,
+               dy2.dtype, tensors=(x2, dy2))
     programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
-    partial = _alloc((programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
+    partial = _alloc((1, programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
     compiled = _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, partial, n_rows, n_cols,
                                                  dy2.stride(0), x2.stride(0), dx.stride(0),
                                                  GEMMA=gemma, COMPUTE_DW=compute_dw, ROWS=rows, BLOCK=block,
                                                  num_warps=num_warps)
     _learn_residency(key, compiled, num_warps, x2.device)
-    dw = partial.sum(0).to(w.dtype) if compute_dw else None
+    dw = None
+    if compute_dw:
+        dw = _alloc((n_cols,), w.dtype, x2.device)
+        sum_partials(partial, dw)
     return dx, dw
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, gemma_style):
         x2 = _rows_view(x)
-        w = weight.contiguous()
+        w = _contiguous(weight)
         y, rstd = _forward(x2, w, eps, gemma_style)
         ctx.save_for_backward(x2, w, rstd)
         ctx.gemma_style = gemma_style
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y if x.dim() == 2 else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, w, rstd = ctx.saved_tensors
         dx, dw = _backward(_rows_view(dy), x2, w, rstd, ctx.gemma_style, ctx.needs_input_grad[1])
-        return dx.view(ctx.x_shape), dw, None, None
+        return dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: bool = False) -> torch.Tensor:
@@ -223,9 +251,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: boo
 
     Returns (..., N) in promote_types(x.dtype, weight.dtype) (Llama style) or x.dtype (Gemma style).
     Differentiable in x and weight; runs the Triton kernels on CUDA (or the interpreter), else the reference.
+    Without a graph to record (no_grad, or nothing requires grad) the forward kernel runs alone, with no
+    autograd Function and no rstd written.
     """
     if x.shape[-1] != weight.numel():
         raise ValueError(f"rms_norm: last dim {x.shape[-1]} != weight size {weight.numel()}")
     if not use_triton(x, weight) or x.numel() == 0 or x.shape[-1] > MAX_COLS:
         return reference(x, weight, eps, gemma_style)
-    return RMSNormFunction.apply(x, weight, float(eps), bool(gemma_style))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormFunction.apply(x, weight, float(eps), bool(gemma_style))
+    y, _ = _forward(_rows_view(x), _contiguous(weight), float(eps), bool(gemma_style), store_rstd=False)
+    return y if x.dim() == 2 else y.view(x.shape)

@@ -33,12 +33,17 @@ import triton.language as tl
 
 from fastlm.kernels._utils import next_power_of_2, use_triton
 
-# Tuning constants, chosen by rule; to be measured on the H200 with bench/kernel_ops/rope.py.
+# Tuning constants, chosen by rule, then by the H200 (bench/tune_norms.py, 2026-11-28, torch 2.11, triton
+# 3.6; q 32 + k 8 heads of 128, 2 x 8192 tokens, bf16, GPU time by CUDA-graph replay; Liger 0.0868 ms
+# forward, 0.173 fwd+bwd in the same run).
 TILE_ELEMS = 2048  # elements of one half-head tile (heads x half): a program rotates up to
 # 2048 // half heads per loop step, i.e. all 32 Llama q heads at half = 64, in one step (rule:
 # 2 halves x 2048 x 2 B = 8 KB read per step, as much in flight as one Llama hidden row).
-ELEMS_PER_THREAD = 16  # warps = 2 * tile / (32 * 16), clamped to [1, 8]: two 16-byte bf16 vectors per
-# lane per half-tile load (rule; 32x64 tiles -> 8 warps).
+ELEMS_PER_THREAD = 32  # warps = 2 * tile / (32 * 32), clamped to [1, 8]: 32x64 tiles -> 4 warps.
+# H200 (FUSED): forward 0.0857 ms with 4 warps vs 0.0905 with 8 (16 elements per thread).
+FUSED = True  # all q and k heads of a token in one step, the four half loads issued together, when they
+# fit one tile each (else q's heads, then k's, a tile at a time). H200: forward 0.1026 -> 0.0857 ms,
+# fwd+bwd 0.205 -> 0.174 ms. Two or four tokens per program instead of one: 0.0872 / 0.0914 ms (dropped).
 MAX_HEAD_DIM = 256  # the issue's bound; larger head dims use the reference.
 
 
@@ -64,30 +69,64 @@ def reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 @triton.jit
 def _rope_heads(x_ptr, o_ptr, sx_h, sx_d, so_h, so_d, n_heads, c1, c2, s1, s2,
                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, N_PASS: tl.constexpr, PASS_PAD: tl.constexpr,
-                BLOCK_H: tl.constexpr, COPY_PASS: tl.constexpr, BACKWARD: tl.constexpr):
-    """Rotate all heads of one token: x_ptr/o_ptr point at head 0, element 0 of that token."""
+                BLOCK_H: tl.constexpr, COPY_PASS: tl.constexpr, BACKWARD: tl.constexpr, ROTATE: tl.constexpr):
+    """Rotate all heads of one token: x_ptr/o_ptr point at head 0, element 0 of that token
+    (ROTATE=False: only copy the pass-through dims)."""
     hs = tl.arange(0, BLOCK_H)[:, None]
     ds = tl.arange(0, HALF_PAD)[None, :]
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + hs
-        mask = (h < n_heads) & (ds < HALF)
-        x1_ptrs = x_ptr + h * sx_h + ds * sx_d
-        x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x1_ptrs + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            o1 = x1 * c1 + x2 * s2
-            o2 = x2 * c2 - x1 * s1
-        else:
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
-        o1_ptrs = o_ptr + h * so_h + ds * so_d
-        tl.store(o1_ptrs, o1.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o1_ptrs + HALF * so_d, o2.to(o_ptr.dtype.element_ty), mask=mask)
+        if ROTATE:
+            mask = (h < n_heads) & (ds < HALF)
+            x1_ptrs = x_ptr + h * sx_h + ds * sx_d
+            x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x1_ptrs + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
+            if BACKWARD:
+                o1 = x1 * c1 + x2 * s2
+                o2 = x2 * c2 - x1 * s1
+            else:
+                o1 = x1 * c1 - x2 * s1
+                o2 = x2 * c2 + x1 * s2
+            o1_ptrs = o_ptr + h * so_h + ds * so_d
+            tl.store(o1_ptrs, o1.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(o1_ptrs + HALF * so_d, o2.to(o_ptr.dtype.element_ty), mask=mask)
         if COPY_PASS:  # partial rotary, out of place: dims [2*HALF, 2*HALF + N_PASS) pass through unchanged
             ps = tl.arange(0, PASS_PAD)[None, :]
             pmask = (h < n_heads) & (ps < N_PASS)
             xp = tl.load(x_ptr + h * sx_h + (2 * HALF + ps) * sx_d, mask=pmask, other=0.0)
             tl.store(o_ptr + h * so_h + (2 * HALF + ps) * so_d, xp.to(o_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _rope_token_fused(q_ptr, k_ptr, qo_ptr, ko_ptr, sq_h, sq_d, sk_h, sk_d, sqo_h, sqo_d, sko_h, sko_d,
+                      n_qh, n_kh, c1, c2, s1, s2, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                      BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BACKWARD: tl.constexpr):
+    """All q and k heads of one token in one step (BLOCK_QH >= n_qh, BLOCK_KH >= n_kh): the four half
+    loads are issued together before any math or store, so more bytes are in flight per program."""
+    ds = tl.arange(0, HALF_PAD)[None, :]
+    hq = tl.arange(0, BLOCK_QH)[:, None]
+    hk = tl.arange(0, BLOCK_KH)[:, None]
+    qmask = (hq < n_qh) & (ds < HALF)
+    kmask = (hk < n_kh) & (ds < HALF)
+    q1_ptrs = q_ptr + hq * sq_h + ds * sq_d
+    k1_ptrs = k_ptr + hk * sk_h + ds * sk_d
+    q1 = tl.load(q1_ptrs, mask=qmask, other=0.0)
+    q2 = tl.load(q1_ptrs + HALF * sq_d, mask=qmask, other=0.0)
+    k1 = tl.load(k1_ptrs, mask=kmask, other=0.0)
+    k2 = tl.load(k1_ptrs + HALF * sk_d, mask=kmask, other=0.0)
+    q1, q2, k1, k2 = q1.to(tl.float32), q2.to(tl.float32), k1.to(tl.float32), k2.to(tl.float32)
+    if BACKWARD:
+        qo1, qo2 = q1 * c1 + q2 * s2, q2 * c2 - q1 * s1
+        ko1, ko2 = k1 * c1 + k2 * s2, k2 * c2 - k1 * s1
+    else:
+        qo1, qo2 = q1 * c1 - q2 * s1, q2 * c2 + q1 * s2
+        ko1, ko2 = k1 * c1 - k2 * s1, k2 * c2 + k1 * s2
+    qo1_ptrs = qo_ptr + hq * sqo_h + ds * sqo_d
+    ko1_ptrs = ko_ptr + hk * sko_h + ds * sko_d
+    tl.store(qo1_ptrs, qo1.to(qo_ptr.dtype.element_ty), mask=qmask)
+    tl.store(qo1_ptrs + HALF * sqo_d, qo2.to(qo_ptr.dtype.element_ty), mask=qmask)
+    tl.store(ko1_ptrs, ko1.to(ko_ptr.dtype.element_ty), mask=kmask)
+    tl.store(ko1_ptrs + HALF * sko_d, ko2.to(ko_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -97,9 +136,10 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, n_qh, n_kh,
                  sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, N_PASS: tl.constexpr, PASS_PAD: tl.constexpr,
                  BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, COPY_PASS: tl.constexpr,
-                 BACKWARD: tl.constexpr):
+                 BACKWARD: tl.constexpr, FUSED: tl.constexpr):
     """One program per token (b, t): loads its cos/sin row once, rotates its H q heads and Hkv k heads.
-    Forward (BACKWARD=False) and backward (the transposed rotation) are the same kernel."""
+    Forward (BACKWARD=False) and backward (the transposed rotation) are the same kernel. FUSED: all heads
+    in one step (see _rope_token_fused); else q heads, then k heads, BLOCK_*H heads at a time."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid - b * T
@@ -111,10 +151,21 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, n_qh, n_kh,
     c2 = tl.load(c_ptrs + HALF * sc_d, mask=dmask, other=0.0).to(tl.float32)
     s1 = tl.load(s_ptrs, mask=dmask, other=0.0).to(tl.float32)
     s2 = tl.load(s_ptrs + HALF * ss_d, mask=dmask, other=0.0).to(tl.float32)
-    _rope_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h, sqo_d, n_qh,
-                c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_QH, COPY_PASS, BACKWARD)
-    _rope_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + t * sko_t, sk_h, sk_d, sko_h, sko_d, n_kh,
-                c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_KH, COPY_PASS, BACKWARD)
+    if FUSED:
+        _rope_token_fused(Q + b * sq_b + t * sq_t, K + b * sk_b + t * sk_t,
+                          QO + b * sqo_b + t * sqo_t, KO + b * sko_b + t * sko_t,
+                          sq_h, sq_d, sk_h, sk_d, sqo_h, sqo_d, sko_h, sko_d, n_qh, n_kh,
+                          c1, c2, s1, s2, HALF, HALF_PAD, BLOCK_QH, BLOCK_KH, BACKWARD)
+        if COPY_PASS:  # partial rotary, out of place: the pass-through dims
+            _rope_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h, sqo_d, n_qh,
+                        c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_QH, True, BACKWARD, False)
+            _rope_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + t * sko_t, sk_h, sk_d, sko_h, sko_d, n_kh,
+                        c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_KH, True, BACKWARD, False)
+    else:
+        _rope_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h, sqo_d, n_qh,
+                    c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_QH, COPY_PASS, BACKWARD, True)
+        _rope_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + t * sko_t, sk_h, sk_d, sko_h, sko_d, n_kh,
+                    c1, c2, s1, s2, HALF, HALF_PAD, N_PASS, PASS_PAD, BLOCK_KH, COPY_PASS, BACKWARD, True)
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -136,7 +187,8 @@ def _heads_inner(x: torch.Tensor) -> bool:
 
 
 def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
-    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) into q_out/k_out (which may be q/k themselves)."""
+    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) into q_out/k_out (which may be q/k themselves);
+    cos/sin (B, T, r) or (1, T, r) (broadcast over B through a zero stride, without an ATen expand)."""
     b, n_qh, t, d = q.shape
     n_kh = k.shape[1]
     if b * t == 0:
@@ -149,14 +201,18 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
     cap = max(1, TILE_ELEMS // half_pad)
     block_qh = min(next_power_of_2(n_qh), cap)
     block_kh = min(next_power_of_2(n_kh), cap)
+    fused = FUSED and block_qh >= n_qh and block_kh >= n_kh
     num_warps = max(1, min(8, 2 * block_qh * half_pad // (32 * ELEMS_PER_THREAD)))
+    sc, ss = cos.stride(), sin.stride()
+    sc_b = 0 if cos.shape[0] == 1 else sc[0]
+    ss_b = 0 if sin.shape[0] == 1 else ss[0]
     _rope_kernel[(b * t,)](
         q, k, q_out, k_out, cos, sin, t, n_qh, n_kh,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), sc_b, sc[1], sc[2], ss_b, ss[1], ss[2],
         HALF=half, HALF_PAD=half_pad, N_PASS=n_pass, PASS_PAD=pass_pad,
         BLOCK_QH=block_qh, BLOCK_KH=block_kh,
         COPY_PASS=(n_pass > 0 and q_out.data_ptr() != q.data_ptr()), BACKWARD=backward,
-        num_warps=num_warps)
+        FUSED=fused, num_warps=num_warps)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -220,8 +276,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if unsqueeze_dim == 2:  # work on the (B, H, T, D) views; the transposes are free
         q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1, inplace)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
-    b, _, t, _ = q.shape
-    cos, sin = cos.expand(b, t, rot), sin.expand(b, t, rot)  # stride 0 over B when broadcast
     needs_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if not needs_graph:
         if (inplace and torch.promote_types(q.dtype, cos.dtype) == q.dtype and q.data_ptr() != k.data_ptr()

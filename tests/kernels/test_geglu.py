@@ -53,6 +53,18 @@ def _check(gate, up, dy, y, dgate, dup, approximate, name):
     assert_no_worse_than_reference(dup, du_ref, du64, name=f"{name} dup", **tol)
 
 
+def test_libdevice_erf_setting(device, poison, monkeypatch):
+    """The exact gelu with libdevice's erf (NR_ERFC off) and narrow blocks stays correct too."""
+    monkeypatch.setattr(op, "NR_ERFC", False)
+    monkeypatch.setattr(op, "BLOCK", 64)
+    for dtype in DTYPES:
+        gate, up, dy = _inputs((3, 5, 150), dtype, device)
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        y = op.geglu(g, u, "none", inplace_backward=False)
+        dgate, dup = torch.autograd.grad(y, (g, u), dy)
+        _check(gate, up, dy, y.detach(), dgate, dup, "none", f"libdevice erf {dtype}")
+
+
 @pytest.mark.parametrize("approximate,act", [("none", "gelu"), ("tanh", "gelu_pytorch_tanh")])
 def test_reference_is_transformers(approximate, act):
     gate, up, _ = _inputs((4, 33), torch.bfloat16, "cpu")

@@ -89,6 +89,33 @@ def test_frozen_parameters_give_no_grads(device):
     assert w.grad is None and b.grad is None and torch.isfinite(x.grad).all()
 
 
+def test_frozen_weight_trainable_bias(device):
+    """Only db asked for while the weight still scales the input gradient: db's partials take set 0."""
+    x, w, b = _inputs((20, 2000), (torch.bfloat16, torch.bfloat16), device, "weight+bias")
+    x, b = x.clone().requires_grad_(), b.clone().requires_grad_()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=x.dtype)
+    dx, db = torch.autograd.grad(ln.layer_norm(x, w, b, EPS), (x, b), dy)
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    dx64, db64 = torch.autograd.grad(ln.reference(x64, w.double(), b64, EPS), (x64, b64), dy.double())
+    xr, br = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    dxr, dbr = torch.autograd.grad(ln.reference(xr, w, br, EPS), (xr, br), dy)
+    for name, o, r, e in (("dx", dx, dxr, dx64), ("db", db, dbr, db64)):
+        atol = 16 * ULP[torch.float32] * e.abs().max().item()  # as in _check
+        assert_no_worse_than_reference(o, r, e, atol=atol, rtol=ULP[o.dtype], name=name)
+
+
+def test_no_grad_forward(device, monkeypatch):
+    """Without a graph the forward kernel runs alone and writes no statistics: the same y, every
+    element written."""
+    monkeypatch.setattr(ln, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                           dtype=dtype, device=device))
+    x, w, b = _inputs((3, 37, 129), (torch.bfloat16, torch.bfloat16), device, "weight+bias")
+    with torch.no_grad():
+        y0 = ln.layer_norm(x, w, b, EPS)
+    y1 = ln.layer_norm(x.clone().requires_grad_(), w, b, EPS)
+    assert torch.equal(y0, y1.detach())
+
+
 def test_every_element_written(device, monkeypatch):
     """Buffers the kernels fill start as NaN: any element left unwritten would surface."""
     monkeypatch.setattr(ln, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"),
@@ -96,9 +123,11 @@ def test_every_element_written(device, monkeypatch):
     _check(*_inputs((20, 2000), (torch.bfloat16, torch.bfloat16), device, "weight+bias"), device)
 
 
-@pytest.mark.parametrize("persistent,tile,per_warp", [(False, 4096, 512), (True, 8192, 256), (True, 256, 1024)])
-def test_tuning_constants_keep_results(persistent, tile, per_warp, device, monkeypatch):
+@pytest.mark.parametrize("persistent,tile,per_warp,prefetch", [(False, 4096, 512, True), (True, 8192, 256, False),
+                                                               (True, 256, 1024, True), (True, 4096, 512, False)])
+def test_tuning_constants_keep_results(persistent, tile, per_warp, prefetch, device, monkeypatch):
     """The benchmark sweeps these constants; every setting must stay correct."""
+    monkeypatch.setattr(ln, "PREFETCH", prefetch)
     monkeypatch.setattr(ln, "PERSISTENT", persistent)
     monkeypatch.setattr(ln, "TILE_ELEMS", tile)
     monkeypatch.setattr(ln, "ELEMS_PER_WARP", per_warp)
@@ -109,6 +138,21 @@ def test_fallback_without_triton_is_the_reference(device, monkeypatch):
     monkeypatch.setattr(ln, "use_triton", lambda *t: False)
     x, w, b = _inputs((5, 33), (torch.bfloat16, torch.bfloat16), device, "weight+bias")
     assert torch.equal(ln.layer_norm(x, w, b, EPS), ln.reference(x, w, b, EPS))
+
+
+def test_residency_learned_after_one_tile_per_program_launch(monkeypatch):
+    """A non-persistent launch reaches _learn_residency without _grid having looked the device up
+    (a KeyError on the H200, 2026-11-28): the properties are fetched there too. Runs on the CPU with
+    a stand-in for the device properties and the compiled kernel."""
+    import types
+    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                                  max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(ln, "_props", {})
+    monkeypatch.setattr(ln, "_resident", {})
+    compiled = types.SimpleNamespace(n_regs=40, metadata=types.SimpleNamespace(shared=64))
+    ln._learn_residency(("k",), compiled, 8, torch.device("cuda", 0))
+    assert ln._resident[("k",)] == 6  # 65536 registers // (40 x 32 = 1280 per warp x 8 warps)
 
 
 @pytest.mark.gpu

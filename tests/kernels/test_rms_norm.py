@@ -87,6 +87,18 @@ def test_every_element_written(gemma, device, monkeypatch):
     _check(*_inputs((20, 2000), (torch.bfloat16, torch.bfloat16), device, gemma), gemma, device)
 
 
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_no_grad_forward(gemma, device, monkeypatch):
+    """Without a graph the forward kernel runs alone and writes no rstd: the same y, every element written."""
+    monkeypatch.setattr(rn, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                           dtype=dtype, device=device))
+    x, w = _inputs((3, 37, 129), (torch.bfloat16, torch.bfloat16), device, gemma)
+    with torch.no_grad():
+        y0 = rn.rms_norm(x, w, EPS, gemma)
+    y1 = rn.rms_norm(x.clone().requires_grad_(), w, EPS, gemma)
+    assert torch.equal(y0, y1.detach())
+
+
 @pytest.mark.parametrize("persistent,tile,per_warp", [(False, 4096, 512), (True, 8192, 256), (True, 256, 1024)])
 def test_tuning_constants_keep_results(persistent, tile, per_warp, device, monkeypatch):
     """The benchmark sweeps these constants; every setting must stay correct."""
@@ -101,6 +113,21 @@ def test_fallback_without_triton_is_the_reference(device, monkeypatch):
     monkeypatch.setattr(rn, "use_triton", lambda *t: False)
     x, w = _inputs((5, 33), (torch.bfloat16, torch.bfloat16), device, False)
     assert torch.equal(rn.rms_norm(x, w, EPS), rn.reference(x, w, EPS))
+
+
+def test_residency_learned_after_one_tile_per_program_launch(monkeypatch):
+    """A non-persistent launch reaches _learn_residency without _grid having looked the device up
+    (a KeyError on the H200, 2026-11-28): the properties are fetched there too. Runs on the CPU with
+    a stand-in for the device properties and the compiled kernel."""
+    import types
+    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                                  max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(rn, "_props", {})
+    monkeypatch.setattr(rn, "_resident", {})
+    compiled = types.SimpleNamespace(n_regs=40, metadata=types.SimpleNamespace(shared=64))
+    rn._learn_residency(("k",), compiled, 8, torch.device("cuda", 0))
+    assert rn._resident[("k",)] == 6  # 65536 registers // (40 x 32 = 1280 per warp x 8 warps)
 
 
 @pytest.mark.gpu

@@ -98,6 +98,17 @@ def test_forward_backward(shape, dtype, device, poison):
     assert q_out.transpose(1, 2).is_contiguous() and gq.transpose(1, 2).is_contiguous()  # HF's layout kept
 
 
+@pytest.mark.parametrize("fused,tile", [(True, 64), (False, 2048), (True, 2048)])
+def test_tiling_settings_keep_results(fused, tile, device, poison, monkeypatch):
+    """Every setting of the tuning constants stays correct: FUSED with more heads than one tile holds (the
+    several-steps path), FUSED off, and the default; partial rotary, so the pass-through copy runs too."""
+    monkeypatch.setattr(op, "FUSED", fused)
+    monkeypatch.setattr(op, "TILE_ELEMS", tile)
+    q, k, dq, dk = _qk(2, 3, 8, 4, 64, torch.bfloat16, device, seed=2)
+    cos, sin = _cos_sin(2, 3, 48, torch.bfloat16, device)
+    _check(q, k, cos, sin, dq, dk, f"fused={fused} tile={tile}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "fused_qkv", "unsqueeze_dim2", "cos_broadcast", "cos_2d",
                                     "cos_fp32"])
 def test_layouts(layout, device, poison):
