@@ -1,25 +1,143 @@
-"""The `fastlm` command: the default job on a reduced setting, and `fastlm env`."""
+"""The `fastlm` command: the default job on a reduced setting, resume after an interruption, the one-line errors
+for bad input, --config YAML, `fastlm generate` and `fastlm env`."""
 import json
 import os
+import shutil
 
 import pytest
 
-from fastlm.cli import main
+from fastlm.cli import finetune_config, main
+from fastlm.training.callbacks import COMPLETE_MARKER
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_default_job_reduced(tmp_path, capsys):
+    """SmolLM2 + QLoRA + the bundled data, 3 steps of batch 4: files appear, the loss falls, accuracy is measured."""
     out = tmp_path / "run"
-    main(["--max-steps", "4", "--batch-size", "4", "--eval-examples", "2", "--output-dir", str(out)])
+    main(["--max-steps", "3", "--batch-size", "4", "--warmup-steps", "0", "--eval-examples", "2",
+          "--max-new-tokens", "24", "--save-steps", "2", "--output-dir", str(out), "--no-progress"])
     printed = capsys.readouterr().out
-    assert "held-out exact match" in printed and "step    4/4" in printed
-    assert {"adapter_model.safetensors", "adapter_config.json", "metrics.json", "tokenizer.json"} <= set(
-        os.listdir(out))
+    assert "held-out exact match" in printed and "saved in" in printed
+    assert {"adapter_model.safetensors", "adapter_config.json", "metrics.json", "tokenizer.json", "loss_curve.png",
+            "checkpoints"} <= set(os.listdir(out))
+    assert os.path.exists(out / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["losses"]) == 4 and metrics["exact_match_after"] is not None
+    assert metrics["loss_steps"] == [1, 2, 3] and metrics["last_loss"] < metrics["first_loss"]
+    assert metrics["exact_match_after"] is not None and metrics["tokens_per_second"] > 0
+    assert metrics["peak_memory_gib"] > 0
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["--max-steps", "1", "--output-dir", str(out)])
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    path = tmp_path / "text.jsonl"
+    rows = [{"text": f"example {i}: " + "word " * (3 + 5 * (i % 4))} for i in range(24)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def _tiny_args(checkpoint, data, out, *extra):
+    return ["finetune", "--model", checkpoint, "--load-in-16bit", "--data", data, "--output-dir", str(out),
+            "--batch-size", "2", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-2",
+            "--max-seq-length", "64", "--r", "4", "--no-progress", *extra]
+
+
+def test_resume_continues_the_same_loss_curve(tiny_checkpoint, text_data, tmp_path, capsys):
+    """A run killed while it saved its last checkpoint (step 8) resumes from the one before (step 6) with the same
+    losses and ends with the same adapter as the run that was never interrupted."""
+    from safetensors.torch import load_file
+    llama = tiny_checkpoint("llama")
+    whole = tmp_path / "whole"
+    main(_tiny_args(llama, text_data, whole, "--max-steps", "8", "--save-steps", "3"))
+    reference = json.loads((whole / "metrics.json").read_text())
+
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for name in os.listdir(cut):
+        if name not in ("checkpoints", "fastlm_config.json"):
+            os.remove(cut / name)
+    assert sorted(os.listdir(cut / "checkpoints")) == ["checkpoint-6", "checkpoint-8"]  # save_total_limit=2
+    os.remove(cut / "checkpoints" / "checkpoint-8" / COMPLETE_MARKER)  # the save of step 8 never finished
+    os.remove(cut / "checkpoints" / "checkpoint-8" / "optimizer.pt")
+    main(["finetune", "--output-dir", str(cut), "--resume", "--no-progress"])
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["loss_steps"] == list(range(1, 9))
+    assert resumed["losses"] == pytest.approx(reference["losses"], rel=1e-6)
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-6 * a[name].abs().max(), name
+    with pytest.raises(SystemExit, match="contradict"):
+        main(["finetune", "--output-dir", str(cut), "--resume", "--overwrite"])
+
+
+def test_packing_and_epochs(tiny_checkpoint, text_data, tmp_path):
+    out = tmp_path / "packed"
+    main(_tiny_args(tiny_checkpoint("llama"), text_data, out, "--packing", "--epochs", "1", "--save-steps", "0"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["config"]["packing"]  # 24 examples / (2 x 2)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("content,extra,message", [
+    (None, [], "does not exist"),
+    ('{"text": "a"}\n{"text": \n', [], "cannot read data .*JSONDecodeError"),
+    ("", [], "holds no training examples"),
+    ('{"text": "a", "split": "test"}\n', [], "holds no training examples"),
+    ('{"body": "a"}\n', [], r"no 'prompt'/'response', 'messages' or 'text' field; its fields are \['body'\]"),
+    ('{"body": "a"}\n', ["--text-field", "content"], r"has no field 'content'; its fields are \['body'\]"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', [], r"example 1 .* no field 'response'"),
+    ('{"text": "a"}\n', [], None),
+])
+def test_data_errors(tmp_path, content, extra, message):
+    data = str(tmp_path / "missing.jsonl") if content is None else _write(tmp_path / "d.jsonl", content)
+    if message is None:  # a CSV reads too: the error then is about the output dir, which comes first
+        os.makedirs(tmp_path / "busy")
+        (tmp_path / "busy" / "metrics.json").write_text("{}")
+        message, extra = "already holds a run", ["--output-dir", str(tmp_path / "busy")]
+    with pytest.raises(SystemExit, match=message) as raised:
+        main(["finetune", "--data", data, "--output-dir", str(tmp_path / "out"), *extra])
+    assert "\n" not in str(raised.value) and str(raised.value).startswith("fastlm: ")
+
+
+def test_other_file_kinds_read(tmp_path):
+    from fastlm.training.data import read_rows
+    rows = [{"prompt": "p", "response": "r", "split": "train"}, {"prompt": "q", "response": "s", "split": "test"}]
+    _write(tmp_path / "d.json", json.dumps(rows))
+    _write(tmp_path / "d.csv", "prompt,response,split\np,r,train\nq,s,test\n")
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dsdir"))
+    for name in ("d.json", "d.csv", "d.parquet", "dsdir"):
+        splits = read_rows(str(tmp_path / name))
+        assert [r["prompt"] for r in splits["train"]] == ["p"] and [r["prompt"] for r in splits["test"]] == ["q"]
+    with pytest.raises(SystemExit, match="unknown extension"):
+        read_rows(_write(tmp_path / "d.txt", "x"))
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    config = _write(tmp_path / "c.yaml", "learning_rate: 5e-4\nbatch_size: 4\nr: 8\npacking: true\n"
+                    "target_modules: [q_proj, v_proj]\n")
+    resolved = finetune_config({"config": config, "batch_size": 2})
+    assert (resolved.learning_rate, resolved.batch_size, resolved.r, resolved.packing) == (5e-4, 2, 8, True)
+    assert resolved.target_modules == "q_proj,v_proj" and resolved.max_steps is None
+    with pytest.raises(SystemExit, match="unknown config key 'rank'"):
+        finetune_config({"config": _write(tmp_path / "bad.yaml", "rank: 8\n")})
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        finetune_config({"config": str(tmp_path / "none.yaml")})
+
+
+def test_generate_from_adapter(tiny_checkpoint, text_data, tmp_path, capsys):
+    out = tmp_path / "gen"
+    main(_tiny_args(tiny_checkpoint("llama"), text_data, out, "--max-steps", "1", "--save-steps", "0"))
+    capsys.readouterr()
+    main(["generate", "--model", str(out), "--max-new-tokens", "4", "example 1:"])
+    assert capsys.readouterr().out.strip() != ""
 
 
 def test_env(capsys):

@@ -1,0 +1,122 @@
+"""Exact gradient accumulation and packing through the Trainer path fastlm uses (fastlm.training.trainer).
+
+One optimizer step over the same 8 examples of different lengths must see the same loss and the same gradient on
+every LoRA parameter whether it is batch 8 x accumulation 1, batch 1 x accumulation 8 or batch 4 x accumulation 2,
+padded or packed. The model is whatever FastLanguageModel returns (plain transformers modules today, the fused fast
+path later): the tests hold for any model whose loss honours `num_items_in_batch` and packed position_ids.
+Tolerance: fp32 on the CPU; padding and packing change only the order of the sums, so relative 1e-5 of the largest
+gradient (the design's fp32 rule) is ample; a mean over one micro-batch instead of the accumulated step would be off
+by tens of percent.
+"""
+import random
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from fastlm import FastLanguageModel
+from fastlm.training.data import IGNORE, Collator
+from fastlm.training.trainer import build_trainer, training_arguments
+
+
+class GradientRecorder(TrainerCallback):
+    """Copies every trainable gradient just before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _examples(vocab: int, seed: int = 0) -> list:
+    """8 examples of 5..37 tokens; a prompt part (labels -100) of varying length on half of them."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(8):
+        n = rng.randint(5, 37)
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        prompt = rng.randint(1, n - 2) if i % 2 else 1
+        examples.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return examples
+
+
+def _one_step(checkpoint, tmp_path, batch_size, accumulation, packing, examples=None):
+    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, load_in_16bit=True, max_seq_length=64)
+    # init_lora_weights=False: B is random too, so every adapter matrix has a non-zero gradient.
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
+    examples = examples or _examples(model.config.vocab_size)
+    recorder = GradientRecorder()
+    args = training_arguments(str(tmp_path / f"b{batch_size}a{accumulation}p{int(packing)}"), batch_size=batch_size,
+                              gradient_accumulation_steps=accumulation, learning_rate=1e-3, max_steps=1,
+                              max_grad_norm=0.0, optim="sgd")
+    trainer = build_trainer(model, tokenizer, examples, Collator(tokenizer.pad_token_id, packing), args, [recorder])
+    trainer.train()
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return loss, recorder.grads
+
+
+def _assert_same(reference, other):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, other
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def reference_step(llama, tmp_path_factory):
+    return _one_step(llama, tmp_path_factory.mktemp("ref"), batch_size=8, accumulation=1, packing=False)
+
+
+@pytest.mark.parametrize("batch_size,accumulation", [(1, 8), (4, 2)])
+def test_gradient_accumulation_is_exact(llama, tmp_path, reference_step, batch_size, accumulation):
+    _assert_same(reference_step, _one_step(llama, tmp_path, batch_size, accumulation, packing=False))
+
+
+@pytest.mark.parametrize("batch_size,accumulation", [(8, 1), (2, 4)])
+def test_packed_equals_padded(llama, tmp_path, reference_step, batch_size, accumulation):
+    _assert_same(reference_step, _one_step(llama, tmp_path, batch_size, accumulation, packing=True))
+
+
+def test_accumulation_differs_without_token_count(llama, tmp_path, reference_step):
+    """The check can fail: averaging per micro-batch (what a loop that divides each micro-batch's mean loss by
+    the accumulation count computes) gives a different gradient on these examples."""
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
+    collator = Collator(tokenizer.pad_token_id)
+    for example in _examples(model.config.vocab_size):
+        (model(**collator([example])).loss / 8).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    name = next(iter(grads))
+    assert not torch.allclose(grads[name], reference_step[1][name], rtol=1e-3, atol=1e-3 * grads[name].abs().max())
+
+
+def test_packed_rows_restart_positions(llama):
+    collator = Collator(pad_token_id=0, packing=True)
+    batch = collator([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8, 9], "labels": [IGNORE, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]] and "attention_mask" not in batch
+    assert batch["use_cache"] is False
+
+
+def test_packed_without_restarting_positions_differs(llama):
+    """The packing check can fail: the same row with positions 0..n-1 (attention crossing examples) differs."""
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64)
+    examples = _examples(model.config.vocab_size)[:3]
+    packed = Collator(tokenizer.pad_token_id, packing=True)(examples)
+    padded = Collator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        reference = model(**padded).loss
+        assert model(**packed).loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
+        assert model(**packed).loss.item() != pytest.approx(reference.item(), rel=1e-3)

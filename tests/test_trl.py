@@ -1,0 +1,40 @@
+"""A fastlm model works unchanged in TRL's SFTTrainer (plain text, prompt/completion and chat data, with gradient
+accumulation). trl is a test-only dependency: fastlm never imports it."""
+import pytest
+import torch
+
+from fastlm import FastLanguageModel
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _rows(kind: str) -> list:
+    if kind == "text":
+        return [{"text": f"note {i}: " + "alpha beta " * (1 + i % 3)} for i in range(8)]
+    if kind == "prompt_completion":
+        return [{"prompt": f"count to {i}:", "completion": " " + " ".join(map(str, range(i)))} for i in range(2, 10)]
+    return [{"messages": [{"role": "user", "content": f"double {i}"}, {"role": "assistant", "content": str(2 * i)}]}
+            for i in range(8)]
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion", "messages"])
+def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                         max_seq_length=64)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+                         max_length=64, disable_tqdm=True, bf16=False)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(kind)),
+                             processing_class=tokenizer)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
