@@ -140,6 +140,24 @@ def test_generate_from_adapter(tiny_checkpoint, text_data, tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.gpu
+def test_gpu_run_mixed_precision_and_mfu(tiny_checkpoint, text_data, tmp_path):
+    """On a GPU the run trains under bf16 autocast (fp16 on GPUs without bf16), reports CUDA peak memory, and on
+    an H100/H200 the MFU against the 989 TFLOP/s datasheet peak."""
+    import torch
+    out = tmp_path / "gpu"
+    main(_tiny_args(tiny_checkpoint("llama"), text_data, out, "--max-steps", "2", "--save-steps", "0"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["peak_memory_kind"] == "cuda max allocated" and metrics["peak_memory_gib"] > 0
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200")):
+        assert metrics["peak_flops"] == 989.4e12 and 0 < metrics["mfu"] < 1
+    from fastlm import FastLanguageModel
+    from fastlm.training.trainer import mixed_precision
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    assert mixed_precision(model) == ({"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True})
+
+
 def test_env(capsys):
     main(["env"])
     printed = capsys.readouterr().out

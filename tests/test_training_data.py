@@ -65,4 +65,5 @@ def test_long_examples(tokenizer):
                                          r"raise --max-seq-length to at least \d+"):
         encode(tokenizer, row, data_format, max_seq_length=64, index=7)
     cut = encode(tokenizer, row, data_format, max_seq_length=140)  # the response is truncated, the prompt kept
-    assert len(cut["input_ids"]) == len(cut["labels"]) == 140 and cut["labels"][-1] != IGNORE
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 140 and cut["labels"][-1] != IGNORE and cut["truncated"]
+    assert "truncated" not in encode(tokenizer, {"prompt": "a", "response": "b"}, data_format, max_seq_length=140)

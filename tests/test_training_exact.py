@@ -4,9 +4,9 @@ One optimizer step over the same 8 examples of different lengths must see the sa
 every LoRA parameter whether it is batch 8 x accumulation 1, batch 1 x accumulation 8 or batch 4 x accumulation 2,
 padded or packed. The model is whatever FastLanguageModel returns (plain transformers modules today, the fused fast
 path later): the tests hold for any model whose loss honours `num_items_in_batch` and packed position_ids.
-Tolerance: fp32 on the CPU; padding and packing change only the order of the sums, so relative 1e-5 of the largest
-gradient (the design's fp32 rule) is ample; a mean over one micro-batch instead of the accumulated step would be off
-by tens of percent.
+Tolerance: fp32 (also on a GPU: dtype=torch.float32); padding and packing change only the order of the sums, so
+relative 1e-5 of the largest gradient (the design's fp32 rule) is ample; a mean over one micro-batch instead of the
+accumulated step would be off by tens of percent.
 """
 import random
 
@@ -43,7 +43,8 @@ def _examples(vocab: int, seed: int = 0) -> list:
 
 
 def _one_step(checkpoint, tmp_path, batch_size, accumulation, packing, examples=None):
-    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, load_in_16bit=True, max_seq_length=64)
+    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, load_in_16bit=True, max_seq_length=64,
+                                                         dtype=torch.float32)
     # init_lora_weights=False: B is random too, so every adapter matrix has a non-zero gradient.
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
     examples = examples or _examples(model.config.vocab_size)
@@ -90,7 +91,8 @@ def test_packed_equals_padded(llama, tmp_path, reference_step, batch_size, accum
 def test_accumulation_differs_without_token_count(llama, tmp_path, reference_step):
     """The check can fail: averaging per micro-batch (what a loop that divides each micro-batch's mean loss by
     the accumulation count computes) gives a different gradient on these examples."""
-    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64)
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64,
+                                                         dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
     collator = Collator(tokenizer.pad_token_id)
     for example in _examples(model.config.vocab_size):
@@ -111,7 +113,8 @@ def test_packed_rows_restart_positions(llama):
 
 def test_packed_without_restarting_positions_differs(llama):
     """The packing check can fail: the same row with positions 0..n-1 (attention crossing examples) differs."""
-    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64)
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64,
+                                                         dtype=torch.float32)
     examples = _examples(model.config.vocab_size)[:3]
     packed = Collator(tokenizer.pad_token_id, packing=True)(examples)
     padded = Collator(tokenizer.pad_token_id)(examples)

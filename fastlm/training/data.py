@@ -175,7 +175,8 @@ def encode_chat(tokenizer, messages: list) -> dict:
 
 
 def encode(tokenizer, row: dict, data_format: DataFormat, max_seq_length: int, index: int = 0) -> dict:
-    """One example -> {"input_ids", "labels"}, truncated to max_seq_length (a prompt that does not fit raises)."""
+    """One example -> {"input_ids", "labels"} (+ "truncated": True when cut to max_seq_length); a prompt that does
+    not fit below max_seq_length raises DataError."""
     if data_format.kind == "text":
         ids = tokenizer(str(row[data_format.text_field]), add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -197,8 +198,11 @@ def encode(tokenizer, row: dict, data_format: DataFormat, max_seq_length: int, i
     if prompt_length >= max_seq_length:
         raise DataError(f"example {index} has a prompt of {prompt_length} tokens, not below --max-seq-length "
                         f"{max_seq_length}: raise --max-seq-length to at least {prompt_length + 1} or shorten it.")
+    truncated = len(example["input_ids"]) > max_seq_length
     example = {key: value[:max_seq_length] for key, value in example.items()}
     example["labels"][0] = IGNORE
+    if truncated:
+        example["truncated"] = True  # counted and reported by the caller; collators read input_ids/labels only
     return example
 
 

@@ -175,6 +175,10 @@ def run(config: FinetuneConfig) -> dict:
     model, tokenizer, model_name = load(config)
     train = [encode(tokenizer, row, data_format, config.max_seq_length, index)
              for index, row in enumerate(splits["train"])]
+    truncated = sum(e.get("truncated", False) for e in train)
+    if truncated:
+        print(f"fastlm: {truncated} of {len(train)} examples are longer than --max-seq-length {config.max_seq_length}"
+              " and were cut (raise --max-seq-length to keep them whole)", flush=True)
     before, before_answers = exact_match(model, tokenizer, eval_pairs, config.max_new_tokens) if eval_pairs \
         else (None, [])
     if eval_pairs:

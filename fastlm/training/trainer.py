@@ -53,8 +53,9 @@ def training_arguments(output_dir: str, *, batch_size: int = 8, gradient_accumul
                        weight_decay: float = 0.0, max_grad_norm: float = 1.0, report_to="none",
                        optim: str = "adamw_torch", precision: Optional[dict] = None, **extra) -> TrainingArguments:
     """TrainingArguments for fastlm's training: checkpoints in output_dir (the caller passes
-    <run dir>/checkpoints), Trainer-side gradient checkpointing left off (from_pretrained/get_peft_model set it on the model), columns
-    kept (the collator needs input_ids and labels only), the Trainer's own printing off (ProgressCallback)."""
+    <run dir>/checkpoints), Trainer-side gradient checkpointing left off (from_pretrained / get_peft_model set it on
+    the model), columns kept (the collator needs input_ids and labels only), the Trainer's own printing off
+    (fastlm's ProgressCallback shows the progress)."""
     steps = {"max_steps": max_steps} if max_steps else {"num_train_epochs": epochs or 1.0}
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size,
