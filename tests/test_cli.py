@@ -78,6 +78,30 @@ def test_packing_and_epochs(tiny_checkpoint, text_data, tmp_path):
     assert metrics["steps"] == 6 and metrics["config"]["packing"]  # 24 examples / (2 x 2)
 
 
+def test_full_finetuning_saves_the_model(tiny_checkpoint, text_data, tmp_path):
+    out = tmp_path / "full"
+    args = _tiny_args(tiny_checkpoint("llama"), text_data, out, "--max-steps", "2", "--save-steps", "0")
+    args[args.index("--load-in-16bit")] = "--full-finetuning"
+    main(args)
+    assert "model.safetensors" in os.listdir(out) and "adapter_config.json" not in os.listdir(out)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_out_of_memory_is_one_line():
+    import torch
+    from fastlm.training.finetune import FinetuneConfig, out_of_memory_hint
+    config = FinetuneConfig(batch_size=16)
+    with pytest.raises(SystemExit, match=r"out of memory at --batch-size 16 .* lower --batch-size .*--load-in-4bit"):
+        with out_of_memory_hint(config):
+            torch.empty(1 << 62, dtype=torch.uint8)  # a real failed CPU allocation (4 EiB)
+    with pytest.raises(SystemExit, match="out of memory"):
+        with out_of_memory_hint(config):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through unchanged
+        with out_of_memory_hint(config):
+            raise RuntimeError("shape mismatch")
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)

@@ -7,6 +7,7 @@ checkpoints in <output_dir>/checkpoints (resumable with --resume), a progress ba
 time left. The output directory receives the adapter (or the full model), the tokenizer, metrics.json and
 loss_curve.png.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,9 +147,20 @@ def exact_match(model, tokenizer, pairs: list, max_new_tokens: int, batch_size: 
     return sum(hits) / len(pairs), answers
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err)))
+@contextlib.contextmanager
+def out_of_memory_hint(config: FinetuneConfig):
+    """Turn an out-of-memory error (CUDA, or a failed CPU allocation) inside the block into a one-line exit that
+    says what to lower."""
+    try:
+        yield
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        text = str(err)
+        if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text):
+            raise
+        raise SystemExit(f"fastlm: out of memory at --batch-size {config.batch_size} and --max-seq-length "
+                         f"{config.max_seq_length}: lower --batch-size (raise --gradient-accumulation-steps to keep "
+                         "the effective batch), lower --max-seq-length, or load the model in 4-bit "
+                         "(--load-in-4bit).") from None
 
 
 def run(config: FinetuneConfig) -> dict:
@@ -196,15 +208,8 @@ def run(config: FinetuneConfig) -> dict:
         report_to=[r.strip() for r in config.report_to.split(",")] if isinstance(config.report_to, str)
         else config.report_to, precision=mixed_precision(model))
     trainer = build_trainer(model, tokenizer, train, collator, args, [progress])
-    try:
+    with out_of_memory_hint(config):
         trainer.train(resume_from_checkpoint=resume_from)
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not _out_of_memory(err):
-            raise
-        raise SystemExit(f"fastlm: out of memory at --batch-size {config.batch_size} and --max-seq-length "
-                         f"{config.max_seq_length}: lower --batch-size (raise --gradient-accumulation-steps to keep "
-                         "the effective batch), lower --max-seq-length, or load the model in 4-bit "
-                         "(--load-in-4bit).") from None
     losses = [progress.losses[step] for step in sorted(progress.losses)]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise SystemExit("fastlm: the loss became NaN/inf; lower --learning-rate.")
