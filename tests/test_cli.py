@@ -24,7 +24,8 @@ def test_default_job_reduced(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss_steps"] == [1, 2, 3] and metrics["last_loss"] < metrics["first_loss"]
     assert metrics["exact_match_after"] is not None and metrics["tokens_per_second"] > 0
-    assert metrics["peak_memory_gib"] > 0
+    assert metrics["peak_memory_gib"] > 0 and [p["step"] for p in metrics["progress"]] == [1, 2, 3]
+    assert metrics["progress"][-1]["seconds_left"] == 0 and metrics["progress"][0]["tokens_per_second"] > 0
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["--max-steps", "1", "--output-dir", str(out)])
 
@@ -62,7 +63,7 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, text_data, tmp_pa
     os.remove(cut / "checkpoints" / "checkpoint-8" / "optimizer.pt")
     main(["finetune", "--output-dir", str(cut), "--resume", "--no-progress"])
     resumed = json.loads((cut / "metrics.json").read_text())
-    assert resumed["loss_steps"] == list(range(1, 9))
+    assert resumed["loss_steps"] == list(range(1, 9)) and [p["step"] for p in resumed["progress"]] == [7, 8]
     assert resumed["losses"] == pytest.approx(reference["losses"], rel=1e-6)
     a, b = load_file(whole / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
     for name in a:

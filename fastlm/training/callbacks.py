@@ -93,7 +93,8 @@ class ProgressCallback(TrainerCallback):
         self.flops_per_token = flops_per_token
         self.peak_flops = gpu_peak_flops()
         self.enabled = enabled
-        self.losses = {}  # optimizer step -> loss
+        self.losses = {}  # optimizer step -> loss (the resumed run's earlier steps included)
+        self.log = []  # this process's steps: loss, tokens/s, MFU, peak memory, time so far and time left
         self.bar = None
         self.start = None
         self.first_step = 0
@@ -122,6 +123,12 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses[state.global_step] = logs["loss"]
+            elapsed = time.time() - self.start
+            done = state.global_step - self.first_step
+            self.log.append({"step": state.global_step, "loss": logs["loss"], "seconds": elapsed,
+                             "tokens_per_second": self.tokens_per_second(), "mfu": self.mfu(),
+                             "peak_memory_gib": peak_memory_gib(),
+                             "seconds_left": elapsed / done * (state.max_steps - state.global_step) if done else None})
             if self.bar is not None:
                 shown = {"loss": f"{logs['loss']:.4f}", "tok/s": f"{self.tokens_per_second():,.0f}",
                          "mem": f"{peak_memory_gib():.1f}GiB"}
@@ -141,7 +148,7 @@ class ProgressCallback(TrainerCallback):
     def summary(self) -> dict:
         """What metrics.json records about speed and memory."""
         elapsed = time.time() - self.start if self.start else 0.0
-        return {"train_seconds": elapsed, "tokens_trained": self.collator.tokens_seen,
+        return {"progress": self.log, "train_seconds": elapsed, "tokens_trained": self.collator.tokens_seen,
                 "tokens_per_second": self.tokens_per_second(), "flops_per_token": self.flops_per_token,
                 "peak_flops": self.peak_flops,
                 "peak_flops_source": "NVIDIA datasheet, dense bf16" if self.peak_flops else None,
