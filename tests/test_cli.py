@@ -129,6 +129,16 @@ def test_data_errors(tmp_path, content, extra, message):
     assert "\n" not in str(raised.value) and str(raised.value).startswith("fastlm: ")
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--batch-size", "0", "--batch-size must be at least 1"), ("--learning-rate", "0", "--learning-rate must be"),
+    ("--max-steps", "0", "--max-steps must be at least 1"), ("--lr-scheduler", "wavy", "not one of linear, cosine"),
+    ("--max-seq-length", "1", "--max-seq-length must be at least 2"),
+])
+def test_option_errors(tmp_path, option, value, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["finetune", option, value, "--output-dir", str(tmp_path / "out")])
+
+
 def test_other_file_kinds_read(tmp_path):
     from fastlm.training.data import read_rows
     rows = [{"prompt": "p", "response": "r", "split": "train"}, {"prompt": "q", "response": "s", "split": "test"}]

@@ -75,6 +75,26 @@ def default_model() -> str:
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def check_values(config: FinetuneConfig) -> None:
+    """One-line errors for option values the Trainer would reject later with a traceback."""
+    from transformers import SchedulerType
+    for name in ("batch_size", "gradient_accumulation_steps", "r", "lora_alpha", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"fastlm: --{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    for name in ("save_steps", "warmup_steps", "eval_examples"):
+        if getattr(config, name) < 0:
+            raise SystemExit(f"fastlm: --{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}.")
+    if config.max_seq_length < 2:
+        raise SystemExit(f"fastlm: --max-seq-length must be at least 2, got {config.max_seq_length}.")
+    if not config.learning_rate > 0:
+        raise SystemExit(f"fastlm: --learning-rate must be positive, got {config.learning_rate}.")
+    if (config.max_steps is not None and config.max_steps < 1) or (config.epochs is not None and config.epochs <= 0):
+        raise SystemExit("fastlm: --max-steps must be at least 1 and --epochs positive.")
+    schedulers = [s.value for s in SchedulerType]
+    if config.lr_scheduler not in schedulers:
+        raise SystemExit(f"fastlm: --lr-scheduler {config.lr_scheduler!r} is not one of {', '.join(schedulers)}.")
+
+
 def prepare_output_dir(config: FinetuneConfig) -> Optional[str]:
     """Check the output directory; returns the checkpoint to resume from (or None). Refuses a directory holding
     another run unless --overwrite (which empties it) or --resume (which needs a complete checkpoint in it)."""
@@ -171,6 +191,7 @@ def run(config: FinetuneConfig) -> dict:
     from fastlm.training.trainer import build_trainer, mixed_precision, training_arguments
 
     output_dir = os.path.abspath(config.output_dir)
+    check_values(config)
     resume_from = prepare_output_dir(config)
     splits = read_rows(config.data)
     data_format = choose_format(splits["train"], config.text_field, config.prompt_field, config.response_field,
