@@ -1,9 +1,13 @@
 """Gradient checkpointing modes: True, False, or "unsloth".
 
-"unsloth" is accepted for compatibility with Unsloth; for now it is plain (non-reentrant) checkpointing of each
-decoder layer, the same as True. The offloaded variant (layer inputs kept in pinned host memory) replaces it in
-the fast-training-path work.
+True: torch's non-reentrant checkpoint of each decoder layer (transformers' own activation checkpointing).
+"unsloth": offloaded checkpointing (fastlm/training/offload.py): each layer's input waits in pinned host memory
+instead of on the GPU; on a CPU it is plain checkpointing. It is installed on the model instance through
+transformers' extension point `_set_gradient_checkpointing(enable=True, gradient_checkpointing_func=...)`
+(the same signature from 4.35 through 5.24), which sets `_gradient_checkpointing_func` on that model's
+GradientCheckpointingLayer modules only; nothing global changes.
 """
+import inspect
 from typing import Union
 
 
@@ -14,12 +18,19 @@ def check_mode(value) -> Union[bool, str]:
 
 
 def set_gradient_checkpointing(model, mode: Union[bool, str]) -> None:
-    """Turn checkpointing of `model`'s decoder layers on or off (a transformers PreTrainedModel)."""
+    """Turn checkpointing of `model`'s decoder layers on or off (a transformers PreTrainedModel or a PeftModel)."""
     check_mode(mode)
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        model = get_base()
     if not getattr(model, "supports_gradient_checkpointing", False):
         if mode:
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; pass "
                              "use_gradient_checkpointing=False.")
+        return
+    if mode == "unsloth":
+        _enable_offloaded(model)
+        model.config.use_cache = False
         return
     # transformers 5.24 renamed gradient_* to activation_* (the old names warn); 5.17 has only the old names.
     if mode:
@@ -34,3 +45,19 @@ def set_gradient_checkpointing(model, mode: Union[bool, str]) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def _enable_offloaded(model) -> None:
+    """Install a fresh OffloadedCheckpoint as this model's checkpoint function.
+
+    Unlike transformers' enable path this does not hook the input embeddings to require grad: the offloaded
+    checkpoint gives the layers' trainable parameters their gradients without it, and layer 0 is spared
+    computing a gradient for its input that nothing uses.
+    """
+    from fastlm.training.offload import OffloadedCheckpoint
+
+    setter = model._set_gradient_checkpointing
+    if "gradient_checkpointing_func" not in inspect.signature(setter).parameters:
+        raise ValueError(f"{type(model).__name__} uses transformers' pre-4.35 checkpointing interface, which takes "
+                         "no checkpoint function; use use_gradient_checkpointing=True.")
+    setter(enable=True, gradient_checkpointing_func=OffloadedCheckpoint())
