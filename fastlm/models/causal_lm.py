@@ -1,0 +1,116 @@
+"""The causal-LM forward with the fused linear cross-entropy: the loss without materialising the logits.
+
+Bound as the forward of the *ForCausalLM instance. With `labels`, it runs the decoder (the base model under
+`base_model_prefix`) and computes transformers' ForCausalLMLoss (labels shifted by one, ignore_index -100,
+sum / num_items_in_batch when the Trainer passes it, Gemma 2/3 final-logit softcapping) with
+fastlm.kernels.cross_entropy.fused_linear_cross_entropy from the final hidden states and lm_head's weight
+(and bias); the returned `logits` are then **None** (nothing of size (B, T, vocab) is ever held). Without
+labels it is the class's own forward, logits (and logits_to_keep) as usual.
+
+When PEFT wraps the model, PeftModelForCausalLM -> LoraModel -> this forward; an lm_head trained through
+modules_to_save (a ModulesToSaveWrapper) contributes its active trained copy's weight. Where the fused loss
+cannot reproduce transformers (an lm_head that is not a plain Linear, e.g. LoRA on lm_head; a custom
+`loss_function`; logits_to_keep together with labels) the class forward runs instead.
+"""
+import functools
+import inspect
+import logging
+
+import torch
+
+from fastlm.kernels.cross_entropy import fused_linear_cross_entropy
+
+logger = logging.getLogger("fastlm")
+
+
+def active_output_linear(lm_head):
+    """The nn.Linear whose weight the lm_head applies now (PEFT's active modules_to_save copy), or None."""
+    try:
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # peft not installed: no wrapper can exist
+        ModulesToSaveWrapper = ()
+    if isinstance(lm_head, ModulesToSaveWrapper):
+        active = lm_head.active_adapters
+        if lm_head.disable_adapters or any(name not in lm_head.modules_to_save for name in active):
+            lm_head = lm_head.original_module
+        elif len(active) == 1:
+            lm_head = lm_head.modules_to_save[active[0]]
+        else:
+            return None
+    if type(lm_head) is not torch.nn.Linear or getattr(lm_head, "_hf_hook", None) is not None:
+        return None
+    return lm_head
+
+
+def _cache_field(output_class) -> str:
+    """The cache's field name in transformers' model outputs: `cache` (5.2x) or `past_key_values` (5.17)."""
+    fields = getattr(output_class, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+_REPORTED_FALLBACKS = set()  # each reason is logged once per process
+
+
+def _fall_back(reason: str) -> None:
+    if reason not in _REPORTED_FALLBACKS:
+        _REPORTED_FALLBACKS.add(reason)
+        logger.info("fastlm: loss through transformers' own lm_head + cross-entropy (%s).", reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(model_class):
+    """(signature of model_class.forward, name of its **kwargs parameter or None)."""
+    signature = inspect.signature(model_class.forward)
+    var_keyword = next((name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    return signature, var_keyword
+
+
+def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
+    """*ForCausalLM.forward with the fused loss; same arguments as the class forward.
+
+    Returns:
+        CausalLMOutputWithPast (or a tuple when return_dict=False). With labels: `loss` is the 0-dim fp32 mean
+        (or sum / num_items_in_batch) cross-entropy and `logits` is None; without labels: the class's output.
+    """
+    class_forward = type(self).forward
+    signature, var_keyword = _signature(type(self))
+    arguments = dict(signature.bind(self, *args, **kwargs).arguments)
+    arguments.pop("self", None)
+    extra = dict(arguments.pop(var_keyword, {})) if var_keyword else {}
+    labels = arguments.pop("labels", None)
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    if labels is None:
+        return class_forward(self, *args, **kwargs)
+    linear = active_output_linear(self.get_output_embeddings())
+    reason = None
+    if linear is None:
+        reason = f"lm_head is a {type(self.get_output_embeddings()).__name__}, not a plain Linear"
+    elif "_loss_function" in self.__dict__ or getattr(self, "loss_type", None) not in (None, "ForCausalLM"):
+        reason = "the model has its own loss function"
+    elif not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        reason = "logits_to_keep is set together with labels"
+    if reason is not None:
+        _fall_back(reason)
+        return class_forward(self, *args, **kwargs)
+
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+    hidden = outputs[0]  # (B, T, H)
+    weight, bias = linear.weight, linear.bias
+    if hidden.dtype != weight.dtype:  # an fp32-trained lm_head sees fp32 inputs (fastlm's upcast hook does this)
+        hidden = hidden.to(weight.dtype)
+    shift_labels = extra.get("shift_labels")
+    softcap = getattr(self.config, final_softcap_key, None) if final_softcap_key else None
+    loss = fused_linear_cross_entropy(
+        hidden.to(weight.device), weight, labels if shift_labels is None else shift_labels, bias,
+        ignore_index=extra.get("ignore_index", -100), softcap=softcap, shift_labels=shift_labels is None,
+        num_items_in_batch=extra.get("num_items_in_batch"))
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    cache_name = _cache_field(CausalLMOutputWithPast)
+    result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                                    attentions=getattr(outputs, "attentions", None),
+                                    **{cache_name: getattr(outputs, _cache_field(type(outputs)), None)})
+    return result if return_dict else result.to_tuple()
