@@ -98,6 +98,10 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         if tokenizer.pad_token is not None:
             sync_special_tokens(tokenizer, model)
     model.max_seq_length = max_seq_length
+    if spec is not None:  # kernels on this instance only (tests/test_patching.py proves parity per family)
+        from fastlm.patching import apply_fast_path, fast_path_wanted
+        if fast_path_wanted(model):
+            apply_fast_path(model, spec)
     setattr(model, ATTRIBUTE, FastLMState(precision, spec, max_seq_length, use_gradient_checkpointing,
                                           random_state, tokenizer))
 
