@@ -1,0 +1,152 @@
+"""Training-step benchmark on the H200: fastlm vs transformers + PEFT (+ bitsandbytes), same weights, same batch,
+same run (issue 4). Seeded random weights at a real shape are saved once to /tmp and loaded both ways.
+
+    python3 bench/train_step.py --out $OUT [--shape 1b|8b] [--variants qlora,lora16] [--batch 4] [--seq 2048]
+
+Per variant: 3 warm-up + N timed AdamW steps, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient
+checkpointing, bf16. Reports tokens/s, ms/step, MFU (FLOPs per token = 6 * params_in_matmuls (forward 2, backward
+4 with full recomputation counted as another forward: 8) + attention), peak allocated/reserved GiB, loss at
+step 0 and at the last step.
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+}
+PEAK_BF16_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (../shared/device/README.md)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_checkpoint(shape: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    path = f"/tmp/fastlm-bench-{shape}"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, dtype="bfloat16")
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                            eos_token="t1", pad_token="t2").save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def flops_per_token(config, seq: int) -> float:
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * config.vocab_size
+    attention = layers * 2 * 2 * seq * h  # QK^T and PV, causal halves them, fwd counted x2 for the pair
+    # forward 2 FLOPs/param, backward 4, recomputation under checkpointing another 2 (lm_head not recomputed)
+    return 8 * matmul_params - 2 * h * config.vocab_size + 4 * attention
+
+
+def load(variant: str, path: str, fast: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if fast:
+        from fastlm import FastLanguageModel
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=4096, dtype=torch.bfloat16,
+                                                     load_in_4bit=variant == "qlora",
+                                                     load_in_16bit=variant != "qlora")
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
+                                                use_gradient_checkpointing="unsloth")
+    import peft
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16) if variant == "qlora" else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    config = peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def run_variant(variant, path, fast, batch, seq, steps, seed=0):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(seed)
+    model = load(variant, path, fast)
+    model.train()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    losses, times = [], []
+    for step in range(3 + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
+    tokens_per_s = batch * seq / (ms / 1000)
+    mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
+    row = dict(variant=variant, impl="fastlm" if fast else "hf+peft", batch=batch, seq=seq, ms_per_step=round(ms, 1),
+               tokens_per_s=round(tokens_per_s), mfu=round(mfu, 3),
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    del model, optimizer, params
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--variants", default="qlora,lora16")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    path = make_checkpoint(args.shape)
+    rows = []
+    for variant in args.variants.split(","):
+        for fast in (False, True):
+            try:
+                rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps))
+            except Exception as exc:  # report and go on with the other variants
+                rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
+            print(json.dumps(rows[-1]), flush=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"train_step_{args.shape}.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    for variant in args.variants.split(","):
+        pair = {r["impl"]: r for r in rows if r["variant"] == variant and "error" not in r}
+        if len(pair) == 2:
+            hf, ours = pair["hf+peft"], pair["fastlm"]
+            print(f"{variant}: fastlm {ours['tokens_per_s']} tok/s vs HF {hf['tokens_per_s']} "
+                  f"({ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x), peak {ours['peak_alloc_gib']} vs "
+                  f"{hf['peak_alloc_gib']} GiB ({ours['peak_alloc_gib'] / hf['peak_alloc_gib']:.2f}x), loss "
+                  f"{ours['loss_last']} vs {hf['loss_last']}")
+
+
+if __name__ == "__main__":
+    main()
