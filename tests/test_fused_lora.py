@@ -304,3 +304,26 @@ def test_whole_model_bf16_gpu(precision, tiny_checkpoint):
         ours = (grads[name].float() - exact_grads[name]).norm()
         theirs = (peft_grads[name].float() - exact_grads[name]).norm()
         assert ours <= 2 * theirs + 1e-2 * exact_grads[name].norm(), name
+
+
+def test_generation_uses_the_previous_forward(tiny_checkpoint, monkeypatch):
+    """Eval mode with autograd off (generate) runs PEFT's path; training mode under no_grad stays fused."""
+    import fastlm.training.fused_lora as fused_lora
+
+    model = _peft(_load(tiny_checkpoint("llama"), "4bit"), "llama")
+    ids = _batch("llama")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    install_fused_lora(model, verbose=False)
+    calls = []
+    real_mlp = fused_lora.lora_mlp
+    monkeypatch.setattr(fused_lora, "lora_mlp", lambda *a, **k: calls.append(1) or real_mlp(*a, **k))
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert not calls
+        model.generate(input_ids=ids[:1, :4], max_new_tokens=2, do_sample=False)
+        assert not calls
+        model.train()  # e.g. the no-grad first pass of reentrant checkpointing: still fused
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == model.config.num_hidden_layers

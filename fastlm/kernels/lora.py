@@ -37,7 +37,7 @@ import torch
 
 from fastlm.kernels import geglu, swiglu
 from fastlm.kernels._utils import use_triton
-from fastlm.kernels.nf4 import dequantize_nf4
+from fastlm.kernels.nf4 import dequantize_nf4, reference_torch
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -73,7 +73,8 @@ class NF4Weight:
     """A bitsandbytes 4-bit weight: packed bytes + QuantState (public attributes only), optional bias.
 
     Dequantized bit-exactly as bitsandbytes does (to quant_state.dtype, then cast to the compute dtype
-    when that differs, as bnb.matmul_4bit does), into the shared workspace."""
+    when that differs, as bnb.matmul_4bit does), into the shared workspace: by the Triton kernel on a GPU,
+    by its plain-PyTorch twin on the CPU (the kernel's own tests cover it under the interpreter)."""
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: Optional[torch.Tensor] = None):
         self.packed, self.quant_state, self.bias = packed, quant_state, bias
@@ -82,8 +83,20 @@ class NF4Weight:
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         n, k = self.shape
         out = workspace(n * k, self.quant_state.dtype, self.packed.device).view(n, k)
-        w = dequantize_nf4(self.packed, self.quant_state, out=out)
+        if self.packed.is_cuda:
+            w = dequantize_nf4(self.packed, self.quant_state, out=out)
+        else:  # the interpreter would take minutes per step on a real model; bnb's C++ CPU kernel is the definition
+            w = _dequantize_on_cpu(self.packed, self.quant_state, out)
         return w if w.dtype == dtype else w.to(dtype)
+
+
+def _dequantize_on_cpu(packed, quant_state, out):
+    """NF4 on the CPU: bitsandbytes' own dequantize_4bit (what its CPU matmul runs), else the plain-PyTorch twin."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:
+        return out.copy_(reference_torch(packed, quant_state))
+    return out.copy_(bnbf.dequantize_4bit(packed, quant_state))
 
 
 class Int8Weight:

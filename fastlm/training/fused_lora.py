@@ -11,7 +11,8 @@ after installing): a PEFT `lora.Linear` (or the bitsandbytes variants) with exac
 lora_dropout == 0, no DoRA or other variant, no bias on lora_B, not merged, adapters enabled, over a
 frozen nn.Linear, bitsandbytes Linear4bit (NF4/FP4) or Linear8bitLt (int8 weights) base with a frozen
 bias or none; a plain frozen base without LoRA also fits (e.g. an MLP where only down_proj has LoRA).
-Anything else runs the module's previous forward (PEFT's own), the whole MLP or q/k/v group at once.
+Anything else runs the module's previous forward (PEFT's own), the whole MLP or q/k/v group at once; so
+does generation (eval mode with autograd off), where bitsandbytes' decode kernels beat dequantize + GEMM.
 
 Entry point: install_fused_lora(model) -> report dict; prints one line per model saying how many
 MLPs, q/k/v groups and projections took the fused path, and why the others did not.
@@ -101,6 +102,13 @@ def describe_projection(module):
     return base, LoRA(lora_a.weight, lora_b.weight, float(module.scaling[name])), None
 
 
+def _generating(module) -> bool:
+    """Eval mode without autograd (generation): the previous forward is used there. The fused nodes pay off in
+    training (memory saved for backward, fewer nodes); for decoding bitsandbytes' own 4-bit kernels (gemv, no
+    dequantized weight) are faster than dequantize + GEMM."""
+    return not module.training and not torch.is_grad_enabled()
+
+
 def _single_input(args, kwargs):
     """The one tensor a projection/MLP forward was called with, or None for anything more unusual."""
     if len(args) == 1 and not kwargs:
@@ -113,7 +121,7 @@ def _single_input(args, kwargs):
 def _fused_projection_forward(self, *args, **kwargs):
     """forward of one LoRA projection (o_proj, or q/k/v called one by one): one fused node."""
     x = _single_input(args, kwargs)
-    base, lora, reason = describe_projection(self) if x is not None else (None, None, "arguments")
+    base, lora, reason = describe_projection(self) if x is not None and not _generating(self) else (None, None, "-")
     if reason:
         return getattr(self, _PREVIOUS)(*args, **kwargs)
     return lora_projections(x, [base], [lora])[0]
@@ -141,7 +149,7 @@ def _mlp_plan(mlp):
 def _fused_mlp_forward(self, *args, **kwargs):
     """forward of a gated MLP: gate, up, activation and down with their LoRAs in one autograd node."""
     x = _single_input(args, kwargs)
-    if x is not None:
+    if x is not None and not _generating(self):
         in_bases, in_loras, down_base, down_lora, reason = _mlp_plan(self)
         if not reason:
             return lora_mlp(x, in_bases, in_loras, down_base, down_lora, self._fastlm_activation)
@@ -157,7 +165,7 @@ def _project_qkv(self, hidden_states):
         return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
     modules = (self.q_proj, self.k_proj, self.v_proj)
     described = [describe_projection(m) for m in modules]
-    if any(reason for _, _, reason in described):
+    if _generating(self) or any(reason for _, _, reason in described):
         return tuple(m(hidden_states) for m in modules)
     return lora_projections(hidden_states, [d[0] for d in described], [d[1] for d in described])
 
