@@ -327,3 +327,25 @@ def test_generation_uses_the_previous_forward(tiny_checkpoint, monkeypatch):
         model.train()  # e.g. the no-grad first pass of reentrant checkpointing: still fused
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type,precision", [("llama", "16bit"), ("qwen2", "16bit"), ("gemma2", "16bit"),
+                                                  ("phi3", "16bit"), ("llama", "4bit")])
+def test_with_fastlm_attention_uses_fused_qkv(model_type, precision, tiny_checkpoint):
+    """With fastlm's fast path (its attention calls fastlm_project_qkv): q/k/v are one node per layer, and the
+    loss and LoRA gradients equal plain transformers + PEFT."""
+    from fastlm.patching import apply_fast_path
+
+    path = tiny_checkpoint(model_type)
+    batch = _batch(model_type)
+    plain = _loss_and_grads(_peft(_load(path, precision), model_type), batch)[:2]
+    base = _load(path, precision)
+    apply_fast_path(base, spec_for(model_type))
+    model = _peft(base, model_type)
+    report = install_fused_lora(model, verbose=False)
+    layers = model.config.num_hidden_layers
+    assert report["qkv"]["fused"] == report["mlp"]["fused"] == layers
+    loss, grads, graph = _loss_and_grads(model, batch)
+    # one q/k/v node (Phi-3: its fused qkv_proj) and one o_proj node per layer, one MLP node per layer
+    assert _fused_nodes(graph) == {"mlp": layers, "projections": 2 * layers}
+    _compare_models(plain, (loss, grads))
