@@ -4,9 +4,8 @@ same run (issue 4). Seeded random weights at a real shape are saved once to /tmp
     python3 bench/train_step.py --out $OUT [--shape 1b|8b] [--variants qlora,lora16] [--batch 4] [--seq 2048]
 
 Per variant: 3 warm-up + N timed AdamW steps, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient
-checkpointing, bf16. Reports tokens/s, ms/step, MFU (FLOPs per token = 6 * params_in_matmuls (forward 2, backward
-4 with full recomputation counted as another forward: 8) + attention), peak allocated/reserved GiB, loss at
-step 0 and at the last step.
+checkpointing, bf16 autocast. Reports tokens/s, ms/step, MFU (flops_per_token at the measured 790 TFLOP/s),
+peak allocated/reserved GiB, loss at step 0 and at the last step.
 """
 import argparse
 import gc
@@ -49,12 +48,15 @@ def make_checkpoint(shape: str) -> str:
 
 
 def flops_per_token(config, seq: int) -> float:
+    """Model FLOPs per token of one LoRA training step with full recomputation (the frozen base needs no weight
+    gradient): decoder matmuls 2 forward + 2 recomputed + 2 input-gradient = 6 per parameter, lm_head 2 + 2 = 4;
+    causal attention (QK^T and PV, half the square) 2 * seq * hidden per layer forward, x4 with recomputation and
+    backward. LoRA's own FLOPs (r=16) are under 2% and not counted. At the 1B shape, seq 2048: 7.4 GFLOP/token,
+    the count behind the 77 ms/step floor in ../shared/device/README.md."""
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * config.vocab_size
-    attention = layers * 2 * 2 * seq * h  # QK^T and PV, causal halves them, fwd counted x2 for the pair
-    # forward 2 FLOPs/param, backward 4, recomputation under checkpointing another 2 (lm_head not recomputed)
-    return 8 * matmul_params - 2 * h * config.vocab_size + 4 * attention
+    decoder_params = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    return 6 * decoder_params + 4 * h * config.vocab_size + 4 * layers * 2 * seq * h
 
 
 def load(variant: str, path: str, fast: bool):
