@@ -91,7 +91,8 @@ def test_prequantized_checkpoint_loads_as_is(tiny_checkpoint, tmp_path):
         FastLanguageModel.from_pretrained(str(tmp_path), load_in_16bit=True)
 
 
-@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("bfloat16", torch.bfloat16),
+@pytest.mark.parametrize("dtype, expected", [(None, resolve_dtype(None, torch.cuda.is_available())),
+                                             ("bfloat16", torch.bfloat16),
                                              ("float16", torch.float16), (torch.bfloat16, torch.bfloat16),
                                              ("float32", torch.float32)])
 def test_dtype(tiny_checkpoint, dtype, expected):

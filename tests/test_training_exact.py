@@ -96,7 +96,8 @@ def test_accumulation_differs_without_token_count(llama, tmp_path, reference_ste
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
     collator = Collator(tokenizer.pad_token_id)
     for example in _examples(model.config.vocab_size):
-        (model(**collator([example])).loss / 8).backward()
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collator([example]).items()}
+        (model(**batch).loss / 8).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     name = next(iter(grads))
     assert not torch.allclose(grads[name], reference_step[1][name], rtol=1e-3, atol=1e-3 * grads[name].abs().max())
@@ -116,10 +117,12 @@ def test_packed_without_restarting_positions_differs(llama):
     model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64,
                                                          dtype=torch.float32)
     examples = _examples(model.config.vocab_size)[:3]
-    packed = Collator(tokenizer.pad_token_id, packing=True)(examples)
-    padded = Collator(tokenizer.pad_token_id)(examples)
+    on_device = lambda batch: {k: v.to(model.device) if torch.is_tensor(v) else v  # noqa: E731
+                               for k, v in batch.items()}
+    packed = on_device(Collator(tokenizer.pad_token_id, packing=True)(examples))
+    padded = on_device(Collator(tokenizer.pad_token_id)(examples))
     with torch.no_grad():
         reference = model(**padded).loss
         assert model(**packed).loss.item() == pytest.approx(reference.item(), rel=1e-5)
-        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
+        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1], device=model.device).unsqueeze(0)
         assert model(**packed).loss.item() != pytest.approx(reference.item(), rel=1e-3)

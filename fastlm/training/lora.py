@@ -8,6 +8,7 @@ import torch
 from fastlm.models.registry import DEFAULT_TARGET_MODULES
 from fastlm.state import state_of
 from fastlm.training.checkpointing import check_mode, set_gradient_checkpointing
+from fastlm.patching import fast_path_wanted
 from fastlm.training.fused_lora import install_fused_lora
 
 logger = logging.getLogger("fastlm")
@@ -174,7 +175,8 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
         _upcast_trained_modules(peft_model, trained_fully)
     peft_model.fastlm_lora_settings = requested
     peft_model.print_trainable_parameters()
-    install_fused_lora(peft_model)  # fused MLP / q,k,v / projections where PEFT's path is not needed
+    if fast_path_wanted(base):  # on CUDA by default (FASTLM_FAST_PATH=1/0 forces it), as the rest of the fast path
+        install_fused_lora(peft_model)  # fused MLP / q,k,v / projections where PEFT's path is not needed
     return peft_model
 
 
