@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastlm.kernels._utils import next_power_of_2, sum_partials, use_triton
+from fastlm.kernels._utils import (Residency, launch_key, next_power_of_2, rows_view, sum_partials,
+                                   use_triton)
 
 # Tuning constants: the same rules as rms_norm.py (read their comments there), chosen by rule and ptxas
 # register counts (bf16, sm_90, N=4096, 8 warps: forward 64 registers/thread, backward 116 with the weight
@@ -162,54 +163,7 @@ def _tile(n_cols: int):
     return block, rows, max(4, min(16, rows * block // ELEMS_PER_WARP))
 
 
-_props: dict = {}  # device index -> CUDA device properties
-_resident: dict = {}  # launch key (device, kernel, shapes, flags, dtypes) -> programs one SM holds at once
-
-
-def _key(*parts, tensors=()):
-    """A launch key; includes the 16-divisibility of strides and widths that Triton specialises on."""
-    return parts + tuple((t.stride(0) % 16 == 0, t.shape[-1] % 16 == 0) for t in tensors)
-
-
-def _grid(key, n_tiles: int, num_warps: int, device: torch.device, persistent: bool = True) -> int:
-    """Programs to launch: every tile its own, or (persistent) as many as the GPU holds at once. Until a
-    configuration has been compiled, assume half the SM's warp slots (what the register counts allow)."""
-    if not persistent:
-        return n_tiles
-    if device.type != "cuda":
-        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
-    per_sm = _resident.get(key, max(1, 32 // num_warps))  # H200: capping it at 2 per SM slowed fwd+bwd
-    # from 0.199 to 0.208 ms
-    return max(1, min(n_tiles, _device_props(device).multi_processor_count * per_sm))
-
-
-def _device_props(device: torch.device):
-    if device.index not in _props:
-        _props[device.index] = torch.cuda.get_device_properties(device)
-    return _props[device.index]
-
-
-def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> None:
-    """Record how many programs of a just-launched kernel fit on one SM (CUDA occupancy rules: registers
-    are allocated per warp in units of 256, shared memory per block with 1 KB reserved)."""
-    n_regs = getattr(compiled, "n_regs", 0)
-    if device.type != "cuda" or key in _resident or not n_regs:
-        return
-    props = _device_props(device)  # (also reached after a non-persistent launch, which skips _grid's lookup)
-    regs_per_warp = -(-n_regs * 32 // 256) * 256
-    fits = [getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
-            getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32]
-    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
-    if shared:
-        fits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024))
-    _resident[key] = max(1, min(fits))
-
-
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (rows, N) with unit column stride (a view when the layout allows)."""
-    if t.dim() != 2:  # (a 2-D input skips the reshape: each ATen call is ~5-20 us of host time)
-        t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+_residency = Residency(_INTERPRETER_PROGRAMS)
 
 
 def _contiguous(t):
@@ -225,15 +179,15 @@ def _forward(x2, w, b, eps: float, store_stats: bool = True):
     rstd = _alloc((n_rows,), torch.float32, x2.device) if store_stats else None
     block, rows, num_warps = _tile(n_cols)
     prefetch = PREFETCH and PERSISTENT
-    key = _key(x2.device.index, "fwd", block, rows, num_warps, prefetch, store_stats, x2.dtype,
-               *(None if t is None else t.dtype for t in (w, b)), tensors=(x2,))
-    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
+    key = launch_key(x2.device.index, "fwd", block, rows, num_warps, prefetch, store_stats, x2.dtype,
+                     *(None if t is None else t.dtype for t in (w, b)), tensors=(x2,))
+    programs = _residency.grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
     compiled = _layer_norm_fwd_kernel[(programs,)](x2, x2 if w is None else w, x2 if b is None else b, y,
                                                    y if mean is None else mean, y if rstd is None else rstd,
                                                    n_rows, n_cols, x2.stride(0), y.stride(0), eps,
                                                    HAS_W=w is not None, HAS_B=b is not None, ROWS=rows, BLOCK=block,
                                                    PREFETCH=prefetch, STORE_STATS=store_stats, num_warps=num_warps)
-    _learn_residency(key, compiled, num_warps, x2.device)
+    _residency.learn(key, compiled, num_warps, x2.device)
     return y, mean, rstd
 
 
@@ -244,9 +198,9 @@ def _backward(dy2, x2, w, mean, rstd, dw_dtype, db_dtype):
     compute_dw, compute_db = dw_dtype is not None, db_dtype is not None
     dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
     block, rows, num_warps = _tile(n_cols)
-    key = _key(x2.device.index, "bwd", block, rows, num_warps, compute_dw, compute_db, PREFETCH, x2.dtype, dy2.dtype,
-               None if w is None else w.dtype, tensors=(x2, dy2))
-    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
+    key = launch_key(x2.device.index, "bwd", block, rows, num_warps, compute_dw, compute_db, PREFETCH, x2.dtype,
+                     dy2.dtype, None if w is None else w.dtype, tensors=(x2, dy2))
+    programs = _residency.grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
     n_sets = int(compute_dw) + int(compute_db)  # partial rows: dw's (if any), then db's
     partial = _alloc((n_sets, programs, n_cols) if n_sets else (1,), torch.float32, x2.device)
     compiled = _layer_norm_bwd_kernel[(programs,)](dy2, x2, x2 if w is None else w, mean, rstd, dx, partial,
@@ -254,7 +208,7 @@ def _backward(dy2, x2, w, mean, rstd, dw_dtype, db_dtype):
                                                    dx.stride(0), HAS_W=w is not None, COMPUTE_DW=compute_dw,
                                                    COMPUTE_DB=compute_db, ROWS=rows, BLOCK=block, PREFETCH=PREFETCH,
                                                    num_warps=num_warps)
-    _learn_residency(key, compiled, num_warps, x2.device)
+    _residency.learn(key, compiled, num_warps, x2.device)
     dw = _alloc((n_cols,), dw_dtype, x2.device) if compute_dw else None
     db = _alloc((n_cols,), db_dtype, x2.device) if compute_db else None
     if n_sets:
@@ -265,7 +219,7 @@ def _backward(dy2, x2, w, mean, rstd, dw_dtype, db_dtype):
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x2 = _rows_view(x)
+        x2 = rows_view(x)
         w = _contiguous(weight)
         y, mean, rstd = _forward(x2, w, _contiguous(bias), eps)
         ctx.save_for_backward(x2, w, mean, rstd)
@@ -278,7 +232,7 @@ class LayerNormFunction(torch.autograd.Function):
         x2, w, mean, rstd = ctx.saved_tensors
         dw_dtype = w.dtype if w is not None and ctx.needs_input_grad[1] else None
         db_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
-        dx, dw, db = _backward(_rows_view(dy), x2, w, mean, rstd, dw_dtype, db_dtype)
+        dx, dw, db = _backward(rows_view(dy), x2, w, mean, rstd, dw_dtype, db_dtype)
         return dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape), dw, db, None
 
 
@@ -298,5 +252,5 @@ def layer_norm(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.Tensor
         return reference(x, weight, bias, eps)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return LayerNormFunction.apply(x, weight, bias, float(eps))
-    y, _, _ = _forward(_rows_view(x), _contiguous(weight), _contiguous(bias), float(eps), store_stats=False)
+    y, _, _ = _forward(rows_view(x), _contiguous(weight), _contiguous(bias), float(eps), store_stats=False)
     return y if x.dim() == 2 else y.view(x.shape)

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels._utils import next_power_of_2, sum_partials, use_triton
+from fastlm.kernels._utils import (Residency, launch_key, next_power_of_2, rows_view, sum_partials,
+                                   use_triton)
 
 # Tuning constants. Rules first (ptxas register counts for sm_90, triton 3.7, compiled offline), then the
 # H200 measurements of bench/tune_norms.py (2026-11-28, torch 2.11, triton 3.6, GPU time by graph replay).
@@ -137,54 +138,7 @@ def _tile(n_cols: int):
     return block, rows, max(4, min(16, rows * block // ELEMS_PER_WARP))
 
 
-_props: dict = {}  # device index -> CUDA device properties
-_resident: dict = {}  # launch key (device, kernel, shapes, flags, dtypes) -> programs one SM holds at once
-
-
-def _key(*parts, tensors=()):
-    """A launch key; includes the 16-divisibility of strides and widths that Triton specialises on."""
-    return parts + tuple((t.stride(0) % 16 == 0, t.shape[-1] % 16 == 0) for t in tensors)
-
-
-def _grid(key, n_tiles: int, num_warps: int, device: torch.device, persistent: bool = True) -> int:
-    """Programs to launch: every tile its own, or (persistent) as many as the GPU holds at once. Until a
-    configuration has been compiled, assume half the SM's warp slots (what the register counts allow)."""
-    if not persistent:
-        return n_tiles
-    if device.type != "cuda":
-        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
-    per_sm = _resident.get(key, max(1, 32 // num_warps))  # H200: capping it at 2 (or 1) per SM slowed
-    # the 16384x4096 backward from 0.108 to 0.112 (0.145) ms
-    return max(1, min(n_tiles, _device_props(device).multi_processor_count * per_sm))
-
-
-def _device_props(device: torch.device):
-    if device.index not in _props:
-        _props[device.index] = torch.cuda.get_device_properties(device)
-    return _props[device.index]
-
-
-def _learn_residency(key, compiled, num_warps: int, device: torch.device) -> None:
-    """Record how many programs of a just-launched kernel fit on one SM (CUDA occupancy rules: registers
-    are allocated per warp in units of 256, shared memory per block with 1 KB reserved)."""
-    n_regs = getattr(compiled, "n_regs", 0)
-    if device.type != "cuda" or key in _resident or not n_regs:
-        return
-    props = _device_props(device)  # (also reached after a non-persistent launch, which skips _grid's lookup)
-    regs_per_warp = -(-n_regs * 32 // 256) * 256
-    fits = [getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps),
-            getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32]
-    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
-    if shared:
-        fits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024))
-    _resident[key] = max(1, min(fits))
-
-
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (rows, N) with unit column stride (a view when the layout allows)."""
-    if t.dim() != 2:  # (a 2-D input skips the reshape: each ATen call is ~5-20 us of host time)
-        t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+_residency = Residency(_INTERPRETER_PROGRAMS)
 
 
 def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool, store_rstd: bool = True):
@@ -194,12 +148,13 @@ def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool, store_r
     y = _alloc((n_rows, n_cols), out_dtype, x2.device)
     rstd = _alloc((n_rows,), torch.float32, x2.device) if store_rstd else None
     block, rows, num_warps = _tile(n_cols)
-    key = _key(x2.device.index, "fwd", block, rows, num_warps, gemma, store_rstd, x2.dtype, w.dtype, tensors=(x2,))
-    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
+    key = launch_key(x2.device.index, "fwd", block, rows, num_warps, gemma, store_rstd, x2.dtype, w.dtype,
+                     tensors=(x2,))
+    programs = _residency.grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)
     compiled = _rms_norm_fwd_kernel[(programs,)](x2, w, y, y if rstd is None else rstd, n_rows, n_cols,
                                                  x2.stride(0), y.stride(0), eps, GEMMA=gemma, ROWS=rows,
                                                  BLOCK=block, STORE_RSTD=store_rstd, num_warps=num_warps)
-    _learn_residency(key, compiled, num_warps, x2.device)
+    _residency.learn(key, compiled, num_warps, x2.device)
     return y, rstd
 
 
@@ -208,15 +163,15 @@ def _backward(dy2, x2, w, rstd, gemma: bool, compute_dw: bool):
     n_rows, n_cols = x2.shape
     dx = _alloc((n_rows, n_cols), x2.dtype, x2.device)
     block, rows, num_warps = _tile(n_cols)
-    key = _key(x2.device.index, "bwd", block, rows, num_warps, gemma, compute_dw, x2.dtype, w.dtype,
+    key = launch_key(x2.device.index, "bwd", block, rows, num_warps, gemma, compute_dw, x2.dtype, w.dtype,
                dy2.dtype, tensors=(x2, dy2))
-    programs = _grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
+    programs = _residency.grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device)
     partial = _alloc((1, programs, n_cols) if compute_dw else (1,), torch.float32, x2.device)
     compiled = _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, partial, n_rows, n_cols,
                                                  dy2.stride(0), x2.stride(0), dx.stride(0),
                                                  GEMMA=gemma, COMPUTE_DW=compute_dw, ROWS=rows, BLOCK=block,
                                                  num_warps=num_warps)
-    _learn_residency(key, compiled, num_warps, x2.device)
+    _residency.learn(key, compiled, num_warps, x2.device)
     dw = None
     if compute_dw:
         dw = _alloc((n_cols,), w.dtype, x2.device)
@@ -231,7 +186,7 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, gemma_style):
-        x2 = _rows_view(x)
+        x2 = rows_view(x)
         w = _contiguous(weight)
         y, rstd = _forward(x2, w, eps, gemma_style)
         ctx.save_for_backward(x2, w, rstd)
@@ -242,7 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, w, rstd = ctx.saved_tensors
-        dx, dw = _backward(_rows_view(dy), x2, w, rstd, ctx.gemma_style, ctx.needs_input_grad[1])
+        dx, dw = _backward(rows_view(dy), x2, w, rstd, ctx.gemma_style, ctx.needs_input_grad[1])
         return dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape), dw, None, None
 
 
@@ -260,5 +215,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma_style: boo
         return reference(x, weight, eps, gemma_style)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return RMSNormFunction.apply(x, weight, float(eps), bool(gemma_style))
-    y, _ = _forward(_rows_view(x), _contiguous(weight), float(eps), bool(gemma_style), store_rstd=False)
+    y, _ = _forward(rows_view(x), _contiguous(weight), float(eps), bool(gemma_style), store_rstd=False)
     return y if x.dim() == 2 else y.view(x.shape)

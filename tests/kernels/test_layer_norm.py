@@ -140,21 +140,6 @@ def test_fallback_without_triton_is_the_reference(device, monkeypatch):
     assert torch.equal(ln.layer_norm(x, w, b, EPS), ln.reference(x, w, b, EPS))
 
 
-def test_residency_learned_after_one_tile_per_program_launch(monkeypatch):
-    """A non-persistent launch reaches _learn_residency without _grid having looked the device up
-    (a KeyError on the H200, 2026-11-28): the properties are fetched there too. Runs on the CPU with
-    a stand-in for the device properties and the compiled kernel."""
-    import types
-    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
-                                  max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(ln, "_props", {})
-    monkeypatch.setattr(ln, "_resident", {})
-    compiled = types.SimpleNamespace(n_regs=40, metadata=types.SimpleNamespace(shared=64))
-    ln._learn_residency(("k",), compiled, 8, torch.device("cuda", 0))
-    assert ln._resident[("k",)] == 6  # 65536 registers // (40 x 32 = 1280 per warp x 8 warps)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 2048, 4096), (1000, 5120), (300, 8192), (64, 16384)], ids=str)
 def test_large_shapes_gpu(shape, device):

@@ -115,21 +115,6 @@ def test_fallback_without_triton_is_the_reference(device, monkeypatch):
     assert torch.equal(rn.rms_norm(x, w, EPS), rn.reference(x, w, EPS))
 
 
-def test_residency_learned_after_one_tile_per_program_launch(monkeypatch):
-    """A non-persistent launch reaches _learn_residency without _grid having looked the device up
-    (a KeyError on the H200, 2026-11-28): the properties are fetched there too. Runs on the CPU with
-    a stand-in for the device properties and the compiled kernel."""
-    import types
-    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
-                                  max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(rn, "_props", {})
-    monkeypatch.setattr(rn, "_resident", {})
-    compiled = types.SimpleNamespace(n_regs=40, metadata=types.SimpleNamespace(shared=64))
-    rn._learn_residency(("k",), compiled, 8, torch.device("cuda", 0))
-    assert rn._resident[("k",)] == 6  # 65536 registers // (40 x 32 = 1280 per warp x 8 warps)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
 @pytest.mark.parametrize("shape", [(2, 2048, 4096), (1000, 5120), (300, 8192), (4, 512, 32, 128), (64, 16384)],
