@@ -349,3 +349,25 @@ def test_with_fastlm_attention_uses_fused_qkv(model_type, precision, tiny_checkp
     # one q/k/v node (Phi-3: its fused qkv_proj) and one o_proj node per layer, one MLP node per layer
     assert _fused_nodes(graph) == {"mlp": layers, "projections": 2 * layers}
     _compare_models(plain, (loss, grads))
+
+
+def test_adapter_directory_loaded_by_fastlm_takes_fused_path(tiny_checkpoint, tmp_path, monkeypatch):
+    """from_pretrained(adapter_dir) installs fused LoRA as get_peft_model does (switch forced on for the CPU);
+    its loss and LoRA gradients equal the adapter loaded with the switch off (PEFT's own path)."""
+    from fastlm import FastLanguageModel
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "0")
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                         dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model.save_pretrained(tmp_path)
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("FASTLM_FAST_PATH", switch)
+        loaded, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_16bit=True, dtype=torch.float32,
+                                                      use_gradient_checkpointing=False)  # graph nodes visible
+        loss, grads, graph_root = _loss_and_grads(loaded.train(), _batch("llama"))
+        runs[switch] = (loss, grads)
+        assert _fused_nodes(graph_root) == ({"mlp": 0, "projections": 0} if switch == "0" else
+                                            {"mlp": 2, "projections": 4}), switch
+    _compare_models(runs["0"], runs["1"])
