@@ -366,7 +366,8 @@ def test_adapter_directory_loaded_by_fastlm_takes_fused_path(tiny_checkpoint, tm
         monkeypatch.setenv("FASTLM_FAST_PATH", switch)
         loaded, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_16bit=True, dtype=torch.float32,
                                                       use_gradient_checkpointing=False)  # graph nodes visible
-        loss, grads, graph_root = _loss_and_grads(loaded.train(), _batch("llama"))
+        batch = {k: v.to(loaded.device) for k, v in _batch("llama").items()}
+        loss, grads, graph_root = _loss_and_grads(loaded.train(), batch)
         runs[switch] = (loss, grads)
         assert _fused_nodes(graph_root) == ({"mlp": 0, "projections": 0} if switch == "0" else
                                             {"mlp": 2, "projections": 4}), switch

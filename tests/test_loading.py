@@ -49,6 +49,12 @@ def test_hub_id_from_cache_offline_with_revision(tiny_checkpoint, tmp_path, monk
     assert model.config.model_type == "llama"
     with pytest.raises(OSError, match="revision 'v2'"):
         FastLanguageModel.from_pretrained("fastlm-test/tiny-llama", revision="v2", load_in_16bit=True)
+    # The cache lookup used when a huggingface_hub release refuses a cached commit offline (1.33 does).
+    from fastlm.loading.resolve import _cached_commit_snapshot
+    assert _cached_commit_snapshot("fastlm-test/tiny-llama", commit) == os.path.join(
+        str(tmp_path), "models--fastlm-test--tiny-llama", "snapshots", commit)
+    assert _cached_commit_snapshot("fastlm-test/tiny-llama", "f" * 40) is None
+    assert _cached_commit_snapshot("fastlm-test/tiny-llama", "main") is None
 
 
 def test_revision_on_local_path_warns(tiny_checkpoint, caplog):

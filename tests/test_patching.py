@@ -251,7 +251,17 @@ def test_from_pretrained_patches_and_other_models_stay_plain(tiny_checkpoint, ca
 @pytest.mark.parametrize("model_type", SUPPORTED_TYPES)
 def test_bf16_parity_on_gpu(model_type, tiny_checkpoint):
     """bf16 on CUDA: the fast model's loss and LoRA gradients are no further from the fp32 model's than plain
-    transformers' bf16 are, plus a 2-ulp slack (the kernels round at other places)."""
+    transformers' bf16 are.
+
+    The loss (a scalar) is compared elementwise with a 2-ulp slack. Gradients are compared by the norm of the
+    error: the two bf16 models round at different places (the fused kernels round once where eager rounds after
+    every op; fused LoRA adds base and LoRA products in one fp32 GEMM accumulation where PEFT rounds each), and
+    after a backward through every layer their error vectors are different draws of the same size, so at single
+    elements either one can be near zero by chance (run 4 saw elementwise ratios up to 6 at such elements).
+    The norm of the error is what "as accurate as PyTorch's own bf16" means for a whole-model gradient; a fast
+    path that loses accuracy (a bf16 accumulation, a dropped term) raises it by far more than the 1.3x allowed
+    here for two equally accurate but differently rounded computations (the H200, run 7: the largest ratio over
+    all LoRA tensors per family was 1.02-1.09, gemma2 1.20)."""
     from tests.kernels.check import ULP, assert_no_worse_than_reference
 
     path = tiny_checkpoint(model_type)
@@ -262,13 +272,22 @@ def test_bf16_parity_on_gpu(model_type, tiny_checkpoint):
         model = (fast if patched else plain).to(dtype)
         batch = _padded_batch(device="cuda")
         runs[name] = _loss_and_grads(model, batch)
-    exact_out, exact_grads = runs["exact"]
-    for name in ("loss",) + tuple(exact_grads):
-        pick = (lambda run: run[0].loss.reshape(1)) if name == "loss" else (lambda run, n=name: run[1][n])
-        scale = pick(runs["exact"]).abs().max().item()
-        assert_no_worse_than_reference(pick(runs["fast"]).float(), pick(runs["plain"]).float(),
-                                       pick(runs["exact"]).float(), atol=2 * ULP[torch.bfloat16] * scale,
-                                       name=name)
+    loss = {name: run[0].loss.reshape(1).float() for name, run in runs.items()}
+    assert_no_worse_than_reference(loss["fast"], loss["plain"], loss["exact"],
+                                   atol=2 * ULP[torch.bfloat16] * loss["exact"].abs().item(), name="loss")
+    worst = []
+    for name, exact in runs["exact"][1].items():
+        exact = exact.double()
+        fast_err = (runs["fast"][1][name].double() - exact).norm().item()
+        plain_err = (runs["plain"][1][name].double() - exact).norm().item()
+        worst.append((fast_err / max(plain_err, 1e-30), name, fast_err / exact.norm().item(),
+                      plain_err / exact.norm().item()))
+    worst.sort(reverse=True)
+    print(f"bf16-parity {model_type}: " + "; ".join(f"{n} ratio {r:.2f} (fast {f:.2e}, plain {p:.2e})"
+                                                   for r, n, f, p in worst[:3]))
+    ratio, name, fast_rel, plain_rel = worst[0]
+    assert ratio <= 1.3, (f"{name}: bf16 gradient error (norm) {fast_rel:.3g} of the exact gradient's norm vs "
+                           f"plain transformers + PEFT's {plain_rel:.3g}")
 
 
 def test_semantics_that_differ_stay_plain_and_bad_input(tiny_checkpoint, monkeypatch):

@@ -41,6 +41,10 @@ ELEMS_PER_WARP = 512  # warps = tile / 512 in [4, 16]: 16 elements per lane, i.e
 # N=4096 forward 40 (Gemma 47), backward 80; 16 warps at 8192: 40-48 and 90. At 16384 the backward spills
 # ~84 bytes/thread with 16 warps (76 with 32 warps, which cap registers at 64): left at 16.
 # H200, 16384x4096 backward alone: 0.108 ms at 512, 0.125 at 256, 0.115 at 1024 (per element per warp).
+GEMMA_FWD_ELEMS_PER_WARP = 1024  # the Gemma forward alone: half the warps (4 at N=4096). Its (1 + w) in fp32
+# takes 47 registers/thread against Llama's 40, one block of 8 warps fewer per SM. H200, 16384x4096 bf16 fwd,
+# GPU time (bench/tune_gemma_rms.py, run 7, two passes): 4 warps 0.0664/0.0665 ms, 8 warps 0.0688/0.0688,
+# 16 warps 0.0886; 8 warps capped at 40 registers (maxnreg) 0.0671; Liger 0.0665/0.0669 in the same run.
 PERSISTENT = False  # forward grid: False = one row tile per program (the torch.compile/Liger layout);
 # True = SMs x (programs one SM holds at once), each striding over tiles. H200, 16384x4096 forward:
 # 0.0663 ms one tile per program vs 0.0727 persistent (Gemma 0.0689 vs 0.0710, q-norm 0.0668 vs 0.0733).
@@ -131,11 +135,12 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tile(n_cols: int):
+def _tile(n_cols: int, gemma_forward: bool = False):
     """(BLOCK, ROWS, num_warps) for rows of n_cols elements, by the rules above."""
     block = next_power_of_2(n_cols)
     rows = max(1, TILE_ELEMS // block)
-    return block, rows, max(4, min(16, rows * block // ELEMS_PER_WARP))
+    per_warp = GEMMA_FWD_ELEMS_PER_WARP if gemma_forward else ELEMS_PER_WARP
+    return block, rows, max(4, min(16, rows * block // per_warp))
 
 
 _residency = Residency(_INTERPRETER_PROGRAMS)
@@ -147,7 +152,7 @@ def _forward(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool, store_r
     out_dtype = x2.dtype if gemma else torch.promote_types(x2.dtype, w.dtype)
     y = _alloc((n_rows, n_cols), out_dtype, x2.device)
     rstd = _alloc((n_rows,), torch.float32, x2.device) if store_rstd else None
-    block, rows, num_warps = _tile(n_cols)
+    block, rows, num_warps = _tile(n_cols, gemma_forward=gemma)
     key = launch_key(x2.device.index, "fwd", block, rows, num_warps, gemma, store_rstd, x2.dtype, w.dtype,
                      tensors=(x2,))
     programs = _residency.grid(key, triton.cdiv(n_rows, rows), num_warps, x2.device, PERSISTENT)

@@ -113,6 +113,25 @@ def _fetch_from_hub(repo_id: str, token: Optional[str], revision: Optional[str],
         raise OSError(f"{where} was not found on the hub, or it is private or gated: check the name, and pass "
                       "token=... (or log in with `hf auth login`) if you have access.") from None
     except Exception as err:  # offline mode, no network, cache miss: all mean "not available here"
+        cached = _cached_commit_snapshot(repo_id, revision)
+        if cached is not None:
+            return cached
         raise OSError(f"{where} is not a local path, is not in the local Hugging Face cache, and could not be "
                       f"downloaded ({type(err).__name__}). If you are offline (HF_HUB_OFFLINE=1 or no network), "
                       "download it where there is network or pass a local directory.") from None
+
+
+def _cached_commit_snapshot(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    """The cached snapshot folder of `repo_id` at a full commit hash, when it holds a config.json.
+
+    Some huggingface_hub releases (1.33 among them) refuse an offline snapshot_download at a commit hash even
+    when that snapshot is in the cache; the cache layout (models--org--name/snapshots/<commit>) is stable."""
+    import re
+
+    import huggingface_hub.constants
+
+    if not revision or not re.fullmatch(r"[0-9a-f]{40}", revision):
+        return None
+    folder = os.path.join(huggingface_hub.constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"),
+                          "snapshots", revision)
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None

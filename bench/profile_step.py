@@ -1,0 +1,156 @@
+"""Where a training step's time and memory go (issue 4's "a profile"), on the H200.
+
+    python3 bench/profile_step.py --out $OUT --shape 8b --variant qlora --batch 2 [--impls fastlm,hf]
+
+Same models, batch and settings as bench/train_step.py. Per implementation: 2 warm-up steps, then one step
+measured by phase (memory allocated before and peak during forward, backward and optimizer step), then 2 steps
+under torch.profiler. Writes profile_<shape>_<variant>.json with, per implementation: GPU kernel time per step
+by category and the top kernels, how busy the GPU was (kernel time / wall time), kernel launches per step, and
+the memory phases; prints a side-by-side summary.
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.train_step import load, make_checkpoint  # noqa: E402
+
+# Kernel name fragments -> category, first match wins (lower-case). cuBLAS on Hopper names its GEMMs nvjet_* or
+# sm90_xmma_*; SDPA's flash backend is pytorch_flash::flash_*; Triton kernels keep their Python names.
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "gemv", "splitk", "cublas")),
+    ("nf4 dequant", ("nf4", "dequant")),
+    ("rms/layer norm", ("rms_norm", "layer_norm", "layernorm", "sum_partials")),
+    ("rope", ("rope", "rotary")),
+    ("swiglu/geglu", ("swiglu", "geglu", "silu", "gelu")),
+    ("cross-entropy", ("cross_entropy", "_ce_", "log_softmax", "nll_loss", "logsumexp")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("copy/cast", ("copy", "memcpy", "cat", "fill", "memset")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return label
+    return "other"
+
+
+def step(model, ids, optimizer):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def memory_phases(model, ids, optimizer) -> dict:
+    """GiB allocated before, and peak during, each phase of one step."""
+    gib = 2.0 ** 30
+    phases = {}
+
+    def measure(name, fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        phases[name] = dict(before=round(before / gib, 3), peak=round(torch.cuda.max_memory_allocated() / gib, 3))
+        return out
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = measure("forward", lambda: model(input_ids=ids, labels=ids).loss)
+    measure("backward", loss.backward)
+    measure("optimizer", optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+    phases["after_step"] = round(torch.cuda.memory_allocated() / gib, 3)
+    return phases
+
+
+def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = load(variant, path, impl == "fastlm")
+    model.train()
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
+    static = torch.cuda.memory_allocated() / 2**30
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0)).cuda()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):
+        step(model, ids, optimizer)
+    phases = memory_phases(model, ids, optimizer)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(profiled_steps):
+            step(model, ids, optimizer)
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - start) / profiled_steps
+    kernels = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += event.device_time_total / 1000 / profiled_steps  # ms per step
+            kernels[event.name][1] += 1
+    by_category = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_category[category(name)] += ms
+    gpu_ms = sum(by_category.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    result = dict(impl=impl, wall_ms_profiled=round(wall_ms, 1), gpu_kernel_ms=round(gpu_ms, 1),
+                  gpu_busy=round(gpu_ms / wall_ms, 3),
+                  launches_per_step=sum(c for _, c in kernels.values()) // profiled_steps,
+                  by_category={k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+                  top_kernels=[dict(name=n[:120], ms=round(ms, 3), calls=c // profiled_steps,
+                                    category=category(n)) for n, (ms, c) in top],
+                  memory_gib=dict(load_peak=round(load_peak, 3), static_after_load=round(static, 3), **phases))
+    del model, optimizer, prof
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--shape", default="8b")
+    parser.add_argument("--variant", default="qlora")
+    parser.add_argument("--impls", default="fastlm,hf")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    path = make_checkpoint(args.shape)
+    results = []
+    for impl in args.impls.split(","):
+        try:
+            results.append(profile(impl, args.variant, path, args.batch, args.seq))
+        except Exception as exc:
+            results.append(dict(impl=impl, error=repr(exc)[:600]))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "top_kernels"}), flush=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
+                batch=args.batch, seq=args.seq)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"profile_{args.shape}_{args.variant}.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    for r in results:
+        for k in r.get("top_kernels", [])[:15]:
+            print(f"{r['impl']:7s} {k['ms']:8.2f} ms {k['calls']:5d}x {k['category']:14s} {k['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
