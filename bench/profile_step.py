@@ -111,12 +111,16 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
         by_category[category(name)] += ms
     gpu_ms = sum(by_category.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    host_ops = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                      key=lambda e: -e.self_cpu_time_total)[:30]
     result = dict(impl=impl, wall_ms_profiled=round(wall_ms, 1), gpu_kernel_ms=round(gpu_ms, 1),
                   gpu_busy=round(gpu_ms / wall_ms, 3),
                   launches_per_step=sum(c for _, c in kernels.values()) // profiled_steps,
                   by_category={k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
                   top_kernels=[dict(name=n[:120], ms=round(ms, 3), calls=c // profiled_steps,
                                     category=category(n)) for n, (ms, c) in top],
+                  host_ops=[dict(name=e.key[:100], self_cpu_ms=round(e.self_cpu_time_total / 1000 / profiled_steps, 2),
+                                 calls=e.count // profiled_steps) for e in host_ops],
                   memory_gib=dict(load_peak=round(load_peak, 3), static_after_load=round(static, 3), **phases))
     del model, optimizer, prof
     gc.collect()
@@ -141,7 +145,7 @@ def main():
             results.append(profile(impl, args.variant, path, args.batch, args.seq))
         except Exception as exc:
             results.append(dict(impl=impl, error=repr(exc)[:600]))
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "top_kernels"}), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops")}), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
                 batch=args.batch, seq=args.seq)
     os.makedirs(args.out, exist_ok=True)
@@ -150,6 +154,8 @@ def main():
     for r in results:
         for k in r.get("top_kernels", [])[:15]:
             print(f"{r['impl']:7s} {k['ms']:8.2f} ms {k['calls']:5d}x {k['category']:14s} {k['name'][:90]}")
+        for k in r.get("host_ops", [])[:12]:
+            print(f"{r['impl']:7s} host {k['self_cpu_ms']:8.2f} ms {k['calls']:5d}x {k['name'][:90]}")
 
 
 if __name__ == "__main__":

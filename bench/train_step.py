@@ -5,7 +5,7 @@ same run (issue 4). Seeded random weights at a real shape are saved once to /tmp
 
 Per variant: 3 warm-up + N timed AdamW steps, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient
 checkpointing, bf16 autocast. Reports tokens/s, ms/step, MFU (flops_per_token at the measured 790 TFLOP/s),
-peak allocated/reserved GiB, loss at step 0 and at the last step.
+peak allocated/reserved GiB during training (loading's own peak apart), loss at step 0 and at the last step.
 """
 import argparse
 import gc
@@ -84,9 +84,12 @@ def load(variant: str, path: str, fast: bool):
 def run_variant(variant, path, fast, batch, seq, steps, seed=0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
     torch.manual_seed(seed)
     model = load(variant, path, fast)
     model.train()
+    load_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()  # the training peak is measured apart from loading's
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).cuda()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,6 +112,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0):
     row = dict(variant=variant, impl="fastlm" if fast else "hf+peft", batch=batch, seq=seq, ms_per_step=round(ms, 1),
                tokens_per_s=round(tokens_per_s), mfu=round(mfu, 3),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               load_peak_alloc_gib=round(load_peak / 2**30, 2), leftover_gib=round(leftover / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
     del model, optimizer, params

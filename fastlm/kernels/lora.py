@@ -6,6 +6,9 @@ Backward computes only what is asked for (ctx.needs_input_grad):
     dB = s * dy^T (x A^T)                    (N, r)   from the saved x A^T (M, r)
     dA = s * (dy B)^T x                      (r, K)   from the saved x
     dx = dy W + s * (dy B) A                 (M, K)   W materialized again, never saved
+The projections of one input (q, k, v; gate, up) stack their A matrices so that x A^T, dA and the LoRA part of
+dx are one GEMM each for the whole group; B is kept pre-scaled (s B) in the compute dtype (see
+`_forward_group`, `reuse_casts`).
 The frozen W is a `FrozenWeight`: 16-bit (`DenseWeight`), NF4/FP4 (`NF4Weight`, dequantized by
 fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * SCB / 127). A 4-bit or
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
@@ -24,12 +27,14 @@ saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks
 up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
-fp32 LoRA matrices cast to it; gradients of A/B are cast back to their dtype. In fp32 this equals PEFT
+fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In fp32 this equals PEFT
 to rounding; in bf16 it differs from PEFT (which computes the LoRA branch in fp32) by bf16 rounding.
 
-Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, lora_mlp, reference_projection,
+Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, lora_mlp, reuse_casts, reference_projection,
 reference_mlp, activation_forward, activation_backward.
 """
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -175,32 +180,133 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _forward_one(x2, base, A, B, scale, dtype):
-    """y (M, N) and x A^T (M, r) (None without LoRA) in `dtype`."""
-    w = base.materialize(dtype)
-    bias = None if base.bias is None else base.bias.to(dtype)
-    y = torch.addmm(bias, x2, w.T) if bias is not None else x2 @ w.T
-    if A is None:
-        return y, None
-    xa = x2 @ A.to(dtype).T
-    return y.addmm_(xa, B.to(dtype).T, alpha=scale), xa
+# ---- compute-dtype copies of the LoRA matrices, shared by the projections of one input ----------------------
+#
+# The projections of one input (q, k, v; gate, up) share one product with their stacked A matrices:
+#     A_all = [A_0; A_1; ...]  (R, K), R = sum of ranks        xa_all = x A_all^T  (M, R)
+# and each B is stored pre-scaled, B_i' = s_i B_i, in the compute dtype, so that backward needs no scaling pass:
+#     (dy_i B_i')^T  stacked -> dyb_all^T  (R, M)     dA_all = dyb_all^T x (R, K)     dx += dyb_all A_all
+# One GEMM instead of one per projection for x A^T, dA and the LoRA part of dx. On the H200 the training step
+# is bound by the host's ~50-70 us per launched op (bench/RESULTS.md, run 7: GPU busy 64% at Llama-3.1-8B
+# QLoRA), and each small GEMM there is up to three launches (memset, split-K GEMM, reduce).
+#
+# The casts are made once per forward; inside `reuse_casts(memo)` (the offloaded checkpoint enters one memo
+# per layer call, for its forward and its recomputation) once per layer and step. Between a layer's forward
+# and its backward the LoRA weights cannot change (the optimizer steps after backward), so the memo is never
+# stale; it is never kept across steps, as a version-counter cache would be (bitsandbytes' 8-bit optimizers
+# update weights without bumping it).
+
+_memo_stack = threading.local()
 
 
-def _backward_one(dy2, x2, xa, base, A, B, scale, dtype, need_dx, need_dA, need_dB, dx):
-    """(dA, dB, dx): LoRA grads in A's/B's dtype (None when not needed), dx accumulated into `dx`."""
-    dA = dB = dyb = None
-    if A is not None and (need_dx or need_dA):
-        dyb = dy2 @ B.to(dtype)                                             # (M, r)
-    if need_dA:
-        dA = (dyb.T @ x2).mul_(scale).to(A.dtype)                           # (r, K)
-    if need_dB:
-        dB = (dy2.T @ xa).mul_(scale).to(B.dtype)                           # (N, r)
-    if need_dx:
+@contextlib.contextmanager
+def reuse_casts(memo: dict):
+    """Within this block, LoRA casts are looked up in / stored into `memo` (a dict owned by the caller)."""
+    stack = getattr(_memo_stack, "memos", None)
+    if stack is None:
+        stack = _memo_stack.memos = []
+    stack.append(memo)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _memoized(key, sources, make):
+    """make() or the memo's copy of it; `sources` (the tensors it derives from) are kept to pin their ids."""
+    stack = getattr(_memo_stack, "memos", None)
+    if not stack:
+        return make()
+    memo = stack[-1]
+    hit = memo.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
+        return hit[1]
+    value = make()
+    memo[key] = (sources, value)
+    return value
+
+
+def _stacked_a(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[A_0; A_1; ...] (R, K) in `dtype`."""
+    def make():
+        return As[0].to(dtype) if len(As) == 1 else torch.cat(list(As)).to(dtype)
+    return _memoized(("A", tuple(id(a) for a in As), dtype), tuple(As), make)
+
+
+def _scaled_b(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * B (N, r) in `dtype`: product in B's precision, one rounding to `dtype`."""
+    def make():
+        if scale == 1.0:
+            return B.to(dtype)
+        return torch.mul(B, scale, out=torch.empty(B.shape, dtype=dtype, device=B.device))
+    return _memoized(("B", id(B), scale, dtype), (B,), make)
+
+
+def _forward_group(x2, bases, As, Bs, scales, dtype):
+    """y_i = x W_i^T (+ b_i) + (x A_i^T) B_i'^T for every projection of x2 (M, K).
+
+    Returns (ys, xa_all (M, R) or None, A_all (R, K) or None, Bs' (list, None where no LoRA))."""
+    with_lora = [i for i, a in enumerate(As) if a is not None]
+    a_all = _stacked_a([As[i] for i in with_lora], dtype) if with_lora else None
+    xa_all = x2 @ a_all.T if with_lora else None
+    b_scaled = [None if As[i] is None else _scaled_b(Bs[i], scales[i], dtype) for i in range(len(bases))]
+    ys, offset = [], 0
+    for i, base in enumerate(bases):
         w = base.materialize(dtype)
-        dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
-        if dyb is not None:
-            dx.addmm_(dyb, A.to(dtype), alpha=scale)
-    return dA, dB, dx
+        y = x2 @ w.T if base.bias is None else torch.addmm(base.bias.to(dtype), x2, w.T)
+        if b_scaled[i] is not None:
+            r = As[i].shape[0]
+            y.addmm_(xa_all[:, offset:offset + r], b_scaled[i].T)
+            offset += r
+        ys.append(y)
+    return ys, xa_all, a_all, b_scaled
+
+
+def _backward_group(dys, get_x, xa_all, a_all, b_scaled, bases, As, Bs, scales, dtype, need_dx, need_a, need_b,
+                    dx=None):
+    """(dAs, dBs, dx) for the projections of `_forward_group`: LoRA gradients in A's/B's dtype (None where not
+    needed), dx (M, K) accumulated into `dx`. get_x() gives the input (M, K); called only when some dA is needed."""
+    n = len(bases)
+    dAs, dBs = [None] * n, [None] * n
+    with_lora = [i for i in range(n) if As[i] is not None]
+    m = dys[0].shape[0]
+    dyb_t = None
+    if with_lora and (need_dx or any(need_a[i] for i in with_lora)):
+        dyb_t = torch.empty(a_all.shape[0], m, dtype=dtype, device=dys[0].device)   # (R, M): rows per projection
+        offset = 0
+        for i in with_lora:
+            r = As[i].shape[0]
+            torch.mm(b_scaled[i].T, dys[i].T, out=dyb_t[offset:offset + r])           # (s_i dy_i B_i)^T
+            offset += r
+    if any(need_a[i] for i in with_lora):
+        da_all = (dyb_t @ get_x()).to(As[with_lora[0]].dtype)                         # (R, K)
+        offset = 0
+        for i in with_lora:
+            r = As[i].shape[0]
+            if need_a[i]:
+                da = da_all[offset:offset + r]
+                dAs[i] = da if da.dtype == As[i].dtype else da.to(As[i].dtype)
+            offset += r
+    offset = 0
+    for i in with_lora:
+        r = As[i].shape[0]
+        if need_b[i]:
+            db = dys[i].T @ xa_all[:, offset:offset + r]                                # (N, r)
+            dBs[i] = db.to(Bs[i].dtype) if scales[i] == 1.0 else torch.mul(
+                db, scales[i], out=torch.empty(db.shape, dtype=Bs[i].dtype, device=db.device))
+        offset += r
+    if need_dx:
+        for i, base in enumerate(bases):
+            w = base.materialize(dtype)
+            dx = dys[i] @ w if dx is None else dx.addmm_(dys[i], w)
+        if dyb_t is not None:
+            dx.addmm_(dyb_t.T, a_all)
+    return dAs, dBs, dx
+
+
+def _pairs(adapters, n):
+    """(As, Bs) lists from the flat A0, B0, A1, B1, ... inputs."""
+    return [adapters[2 * i] for i in range(n)], [adapters[2 * i + 1] for i in range(n)]
 
 
 class _ProjectionsFn(torch.autograd.Function):
@@ -210,35 +316,27 @@ class _ProjectionsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bases, scales, *adapters):
         dtype = _compute_dtype(x)
+        As, Bs = _pairs(adapters, len(bases))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xas = [], []
-            for i, base in enumerate(bases):
-                y, xa = _forward_one(x2, base, adapters[2 * i], adapters[2 * i + 1], scales[i], dtype)
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-                xas.append(xa)
+            ys, xa_all, a_all, b_scaled = _forward_group(x2, bases, As, Bs, scales, dtype)
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scales, dtype, x.shape, x.dtype
-        ctx.has_xa = [xa is not None for xa in xas]
-        ctx.save_for_backward(x2, *[xa for xa in xas if xa is not None], *adapters)
-        return tuple(outs)
+        ctx.save_for_backward(x2, xa_all, a_all, *b_scaled, *adapters)   # None where there is no LoRA
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, *rest = ctx.saved_tensors
-        n_xa = sum(ctx.has_xa)
-        xas_iter, adapters = iter(rest[:n_xa]), rest[n_xa:]
+        n = len(ctx.bases)
+        x2, xa_all, a_all, *rest = ctx.saved_tensors
+        b_scaled, (As, Bs) = rest[:n], _pairs(rest[n:], n)
         need = ctx.needs_input_grad
-        grads, dx = [], None
         with torch.autocast(x2.device.type, enabled=False):
-            for i, base in enumerate(ctx.bases):
-                xa = next(xas_iter) if ctx.has_xa[i] else None
-                A, B = adapters[2 * i], adapters[2 * i + 1]
-                dy2 = dys[i].reshape(-1, dys[i].shape[-1]).to(ctx.dtype)
-                dA, dB, dx = _backward_one(dy2, x2, xa, base, A, B, ctx.scales[i], ctx.dtype, need[0],
-                                           need[3 + 2 * i], need[4 + 2 * i], dx)
-                grads += [dA, dB]
+            dys2 = [dy.reshape(-1, dy.shape[-1]).to(ctx.dtype) for dy in dys]
+            dAs, dBs, dx = _backward_group(dys2, lambda: x2, xa_all, a_all, b_scaled, ctx.bases, As, Bs, ctx.scales,
+                                           ctx.dtype, need[0], [need[3 + 2 * i] for i in range(n)],
+                                           [need[4 + 2 * i] for i in range(n)])
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, *grads)
+        return (dx, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
 
 
 def _flat_adapters(loras: Sequence[Optional[LoRA]]) -> list:
@@ -275,21 +373,16 @@ class _MLPFn(torch.autograd.Function):
     def forward(ctx, x, in_bases, down_base, scales, activation, inplace, *adapters):
         dtype = _compute_dtype(x)
         n_in = len(in_bases)
+        As, Bs = _pairs(adapters, n_in + 1)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xas = [], []
-            for i, base in enumerate(in_bases):
-                y, xa = _forward_one(x2, base, adapters[2 * i], adapters[2 * i + 1], scales[i], dtype)
-                outs.append(y)
-                xas.append(xa)
+            outs, xa_all, a_all, b_scaled = _forward_group(x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
             h = activation_forward(gate, up, activation)
-            y, ha = _forward_one(h, down_base, adapters[2 * n_in], adapters[2 * n_in + 1], scales[n_in], dtype)
+            (y,), ha, a_down, (b_down,) = _forward_group(h, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
-        small = xas + [ha]
-        ctx.has_small = [t is not None for t in small]
-        ctx.save_for_backward(x2, *outs, *[t for t in small if t is not None], *adapters)
+        ctx.save_for_backward(x2, *outs, xa_all, a_all, *b_scaled, ha, a_down, b_down, *adapters)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -300,36 +393,29 @@ class _MLPFn(torch.autograd.Function):
         ctx.used = True
         n_in = len(ctx.in_bases)
         x2, *rest = ctx.saved_tensors
-        outs, rest = rest[:n_in], rest[n_in:]
-        n_small = sum(ctx.has_small)
-        small_iter, adapters = iter(rest[:n_small]), rest[n_small:]
-        small = [next(small_iter) if has else None for has in ctx.has_small]
-        need, dtype = ctx.needs_input_grad, ctx.dtype
-        grads = [None] * (2 * n_in + 2)
+        outs, (xa_all, a_all), rest = rest[:n_in], rest[n_in:n_in + 2], rest[n_in + 2:]
+        b_in, (ha, a_down, b_down), rest = rest[:n_in], rest[n_in:n_in + 3], rest[n_in + 3:]
+        As, Bs = _pairs(rest, n_in + 1)
+        need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
+        need_a = [need[6 + 2 * i] for i in range(n_in + 1)]
+        need_b = [need[7 + 2 * i] for i in range(n_in + 1)]
+        need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
         with torch.autocast(x2.device.type, enabled=False):
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            Ad, Bd, sd = adapters[2 * n_in], adapters[2 * n_in + 1], ctx.scales[n_in]
-            dyb = None if Ad is None else dy2 @ Bd.to(dtype)                # (M, r)
-            if need[6 + 2 * n_in]:  # dA_down is the only use of h: recompute it, use it, drop it
-                h = activation_forward(gate, up, ctx.activation)
-                grads[2 * n_in] = (dyb.T @ h).mul_(sd).to(Ad.dtype)
-                del h
-            if need[7 + 2 * n_in]:
-                grads[2 * n_in + 1] = (dy2.T @ small[n_in]).mul_(sd).to(Bd.dtype)
-            if not (need[0] or any(need[6:6 + 2 * n_in])):
-                return (None, None, None, None, None, None, *grads)
-            dh = dy2 @ ctx.down_base.materialize(dtype)                       # (M, I)
-            if dyb is not None:
-                dh.addmm_(dyb, Ad.to(dtype), alpha=sd)
-            dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
-            del dh
-            d_outs = [dgate, dup] if n_in == 2 else (outs if ctx.inplace else [torch.cat([dgate, dup], dim=-1)])
-            dx = None
-            for i, base in enumerate(ctx.in_bases):
-                dA, dB, dx = _backward_one(d_outs[i], x2, small[i], base, adapters[2 * i], adapters[2 * i + 1],
-                                           ctx.scales[i], dtype, need[0], need[6 + 2 * i], need[7 + 2 * i], dx)
-                grads[2 * i], grads[2 * i + 1] = dA, dB
+            # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
+            # activation backward below overwrites them).
+            (dA_down,), (dB_down,), dh = _backward_group(
+                [dy2], lambda: activation_forward(gate, up, ctx.activation), ha, a_down, [b_down], [ctx.down_base],
+                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:])
+            dAs, dBs, dx = [None] * n_in, [None] * n_in, None
+            if need_dh:
+                dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
+                del dh
+                d_outs = [dgate, dup] if n_in == 2 else (outs if ctx.inplace else [torch.cat([dgate, dup], dim=-1)])
+                dAs, dBs, dx = _backward_group(d_outs, lambda: x2, xa_all, a_all, b_in, ctx.in_bases, As[:n_in],
+                                               Bs[:n_in], scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
+        grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, *grads)
 

@@ -24,6 +24,9 @@ enable_input_require_grads). Tensors bound as keyword arguments (attention_mask,
 by reference; if one of them requires grad, the call falls back to torch's non-reentrant checkpoint, as it also
 does when the layer module cannot be found from the function transformers passes.
 
+The layer's forward and its recomputation share one `fastlm.kernels.lora.reuse_casts` memo: fused LoRA casts
+each adapter matrix to the compute dtype once per layer and step instead of twice.
+
 Limits: backward through the same graph twice (retain_graph=True) raises; a layer must not modify its input in
 place (checked), nor may anything else while the copy runs (decoder layers never do).
 """
@@ -35,6 +38,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from fastlm.kernels.lora import reuse_casts
 
 logger = logging.getLogger("fastlm")
 
@@ -139,8 +144,10 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state()
         ctx.saved = checkpointer.save(x)
         ctx.other_args = args[1:]
+        ctx.casts = {}                      # fused LoRA's compute-dtype weight copies, for forward and recompute
         version = x._version
-        outputs = run(*args)
+        with reuse_casts(ctx.casts):
+            outputs = run(*args)
         if x._version != version:
             raise RuntimeError("The checkpointed layer modified its input in place; offloaded checkpointing "
                                "recomputes from the input as it was. Use use_gradient_checkpointing=True.")
@@ -161,8 +168,9 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             stack.enter_context(torch.enable_grad())
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            stack.enter_context(reuse_casts(ctx.casts))
             outputs = ctx.run(*args)
-        ctx.run = ctx.other_args = None    # ctx.saved stays: a second backward gets take()'s clear error
+        ctx.run = ctx.other_args = ctx.casts = None  # ctx.saved stays: a second backward gets take()'s clear error
         flat = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(flat, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

@@ -215,3 +215,23 @@ def test_mlp_bf16_gpu(n_in):
     _close(y, ref, exact, torch.bfloat16, "y")
     for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
         _close(g, r, e, torch.bfloat16, f"grad{j}")
+
+
+def test_reuse_casts_shares_one_copy_per_memo(device):
+    """Inside reuse_casts(memo) the compute-dtype copies of A (stacked) and s * B are made once and reused by a
+    second call (the recomputation); outside any memo nothing is kept. Results are identical either way."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 32, generator=gen).to(device)
+    bases = [_dense(24, 32, torch.float32, device, gen=gen) for _ in range(3)]
+    loras = [_lora(24, 32, r, device, gen, scale=s) for r, s in ((4, 2.0), (2, 1.0), (4, 0.5))]
+    plain = op.lora_projections(x, bases, loras)
+    memo = {}
+    with op.reuse_casts(memo):
+        first = op.lora_projections(x, bases, loras)
+        cached = {k: v[1] for k, v in memo.items()}
+        second = op.lora_projections(x, bases, loras)
+    assert len(memo) == 1 + 3, sorted(str(k[0]) for k in memo)  # stacked A, and s * B per projection
+    assert all(memo[k][1] is v for k, v in cached.items())         # the second call made no new copy
+    for a, b, c in zip(plain, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert op._memoized(("A", 0), (), lambda: "made") == "made"      # no memo active: computed every time
