@@ -372,3 +372,29 @@ def test_adapter_directory_loaded_by_fastlm_takes_fused_path(tiny_checkpoint, tm
         assert _fused_nodes(graph_root) == ({"mlp": 0, "projections": 0} if switch == "0" else
                                             {"mlp": 2, "projections": 4}), switch
     _compare_models(runs["0"], runs["1"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_offloaded_checkpointing_with_fused_lora(model_type, tiny_checkpoint, monkeypatch):
+    """FastLanguageModel's default training setup (fast path, fused LoRA, use_gradient_checkpointing="unsloth",
+    whose recomputation skips the down projection where the family's MLP feeds the residual sum: llama yes,
+    gemma2 no) gives the loss and LoRA gradients of the same model without checkpointing."""
+    from fastlm import FastLanguageModel
+    from fastlm.training.checkpointing import set_gradient_checkpointing
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "1")
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoint(model_type), load_in_16bit=True, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
+                                             use_gradient_checkpointing="unsloth")
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert mlp._fastlm_feeds_residual == (model_type == "llama")
+    batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
+    from fastlm.kernels import lora as lora_op
+    skips, forward_group = [], lora_op._forward_group
+    monkeypatch.setattr(lora_op, "_forward_group", lambda *a, skip_outputs=False: (
+        skips.append(skip_outputs), forward_group(*a, skip_outputs=skip_outputs))[1])
+    offloaded = _loss_and_grads(model.train(), batch)[:2]
+    layers = model.config.num_hidden_layers
+    assert skips.count(True) == (layers if model_type == "llama" else 0)  # one per layer, in the recomputation
+    set_gradient_checkpointing(model, False)
+    _compare_models(_loss_and_grads(model, batch)[:2], offloaded)

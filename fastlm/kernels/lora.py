@@ -200,16 +200,24 @@ _memo_stack = threading.local()
 
 
 @contextlib.contextmanager
-def reuse_casts(memo: dict):
-    """Within this block, LoRA casts are looked up in / stored into `memo` (a dict owned by the caller)."""
+def reuse_casts(memo: dict, recomputing: bool = False):
+    """Within this block, LoRA casts are looked up in / stored into `memo` (a dict owned by the caller).
+
+    recomputing: the block re-runs a layer's forward only to rebuild its graph for backward (gradient
+    checkpointing), so an MLP whose output feeds only the residual sum may skip computing it (see lora_mlp)."""
     stack = getattr(_memo_stack, "memos", None)
     if stack is None:
         stack = _memo_stack.memos = []
-    stack.append(memo)
+    stack.append((memo, recomputing))
     try:
         yield
     finally:
         stack.pop()
+
+
+def _recomputing() -> bool:
+    stack = getattr(_memo_stack, "memos", None)
+    return bool(stack) and stack[-1][1]
 
 
 def _memoized(key, sources, make):
@@ -217,7 +225,7 @@ def _memoized(key, sources, make):
     stack = getattr(_memo_stack, "memos", None)
     if not stack:
         return make()
-    memo = stack[-1]
+    memo = stack[-1][0]
     hit = memo.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
         return hit[1]
@@ -242,14 +250,17 @@ def _scaled_b(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     return _memoized(("B", id(B), scale, dtype), (B,), make)
 
 
-def _forward_group(x2, bases, As, Bs, scales, dtype):
+def _forward_group(x2, bases, As, Bs, scales, dtype, skip_outputs=False):
     """y_i = x W_i^T (+ b_i) + (x A_i^T) B_i'^T for every projection of x2 (M, K).
 
-    Returns (ys, xa_all (M, R) or None, A_all (R, K) or None, Bs' (list, None where no LoRA))."""
+    Returns (ys, xa_all (M, R) or None, A_all (R, K) or None, Bs' (list, None where no LoRA)). skip_outputs:
+    the ys are left uncomputed (torch.empty): only what backward saves (xa_all and the casts) is made."""
     with_lora = [i for i, a in enumerate(As) if a is not None]
     a_all = _stacked_a([As[i] for i in with_lora], dtype) if with_lora else None
     xa_all = x2 @ a_all.T if with_lora else None
     b_scaled = [None if As[i] is None else _scaled_b(Bs[i], scales[i], dtype) for i in range(len(bases))]
+    if skip_outputs:
+        return [x2.new_empty(x2.shape[0], b.shape[0]) for b in bases], xa_all, a_all, b_scaled
     ys, offset = [], 0
     for i, base in enumerate(bases):
         w = base.materialize(dtype)
@@ -370,7 +381,7 @@ class _MLPFn(torch.autograd.Function):
     inplace, then A/B pairs for each in-projection and for down (None where there is no LoRA)."""
 
     @staticmethod
-    def forward(ctx, x, in_bases, down_base, scales, activation, inplace, *adapters):
+    def forward(ctx, x, in_bases, down_base, scales, activation, inplace, skip_output, *adapters):
         dtype = _compute_dtype(x)
         n_in = len(in_bases)
         As, Bs = _pairs(adapters, n_in + 1)
@@ -379,7 +390,8 @@ class _MLPFn(torch.autograd.Function):
             outs, xa_all, a_all, b_scaled = _forward_group(x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
             h = activation_forward(gate, up, activation)
-            (y,), ha, a_down, (b_down,) = _forward_group(h, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
+            (y,), ha, a_down, (b_down,) = _forward_group(h, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype,
+                                                         skip_outputs=skip_output)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
         ctx.save_for_backward(x2, *outs, xa_all, a_all, *b_scaled, ha, a_down, b_down, *adapters)
@@ -397,8 +409,8 @@ class _MLPFn(torch.autograd.Function):
         b_in, (ha, a_down, b_down), rest = rest[:n_in], rest[n_in:n_in + 3], rest[n_in + 3:]
         As, Bs = _pairs(rest, n_in + 1)
         need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
-        need_a = [need[6 + 2 * i] for i in range(n_in + 1)]
-        need_b = [need[7 + 2 * i] for i in range(n_in + 1)]
+        need_a = [need[7 + 2 * i] for i in range(n_in + 1)]
+        need_b = [need[8 + 2 * i] for i in range(n_in + 1)]
         need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
         with torch.autocast(x2.device.type, enabled=False):
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
@@ -417,11 +429,12 @@ class _MLPFn(torch.autograd.Function):
                                                Bs[:n_in], scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, None, *grads)
 
 
 def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[LoRA]], down_base,
-             down_lora: Optional[LoRA], activation: str, inplace_backward: bool = True) -> torch.Tensor:
+             down_lora: Optional[LoRA], activation: str, inplace_backward: bool = True,
+             output_feeds_residual: bool = False) -> torch.Tensor:
     """The gated MLP with LoRA on any of its projections, as one autograd node (see the module docstring).
 
     Args:
@@ -430,8 +443,12 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
         in_loras: LoRA or None per in-projection. down_base: (H, I). down_lora: LoRA or None.
         activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, tanh form: Gemma) or "gelu" (exact erf).
         inplace_backward: write dgate/dup over the saved gate/up (saves 2 x (M, I); single backward only).
+        output_feeds_residual: the caller only adds the output to the residual stream (no norm after it), so
+            during a gradient-checkpointing recomputation (`reuse_casts(..., recomputing=True)`) the output's
+            value is never read: its down-projection (dequantization, GEMM, LoRA term) is skipped there and
+            the result left unset, while everything backward needs is still saved. Off by default.
     Returns:
-        (..., H) in the compute dtype.
+        (..., H) in the compute dtype (unset values in a recomputation with output_feeds_residual).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -443,4 +460,6 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
                          f"down {down_base.shape}")
     loras = list(in_loras) + [down_lora]
     scales = [lo.scale if lo else 0.0 for lo in loras]
-    return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, *_flat_adapters(loras))
+    skip_output = output_feeds_residual and _recomputing()
+    return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output,
+                        *_flat_adapters(loras))

@@ -116,7 +116,7 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
         if spec is not None and fast_path_wanted(model.get_base_model()):  # as get_peft_model does
             from fastlm.training.fused_lora import install_fused_lora
-            install_fused_lora(model)
+            install_fused_lora(model, mlp_feeds_residual=spec.mlp_feeds_residual)
     return model, tokenizer
 
 

@@ -33,6 +33,9 @@ class ModelSpec:
             gate_up_proj holds gate,up). LoRA targets these names instead of the split ones.
         extra_norms: norms beyond input/post-attention ones (Gemma 2/3 pre/post feed-forward norms).
         mlp_activation_attr: the MLP attribute holding the activation module ("act_fn"; Phi-3 "activation_fn").
+        mlp_feeds_residual: the decoder layer adds the MLP's output straight to the residual stream (no norm on
+            it, as Gemma 2/3's post_feedforward_layernorm), so backward never reads that output's value and a
+            gradient-checkpointing recomputation may skip the down projection (fastlm.kernels.lora.lora_mlp).
     """
     model_type: str
     norm: str = "rms"
@@ -46,6 +49,7 @@ class ModelSpec:
     fused_projections: dict = field(default_factory=dict)
     extra_norms: tuple = ()
     mlp_activation_attr: str = "act_fn"
+    mlp_feeds_residual: bool = True
 
     def lora_targets(self, requested) -> list:
         """Map Unsloth-style target names onto this family's module names (Phi-3's fused projections)."""
@@ -72,10 +76,11 @@ SUPPORTED = {
         ModelSpec("gemma", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True),
         ModelSpec("gemma2", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True,
                   attn_softcap_key="attn_logit_softcapping", final_softcap_key="final_logit_softcapping",
-                  sliding_window="layer", extra_norms=_GEMMA_NORMS),
+                  sliding_window="layer", extra_norms=_GEMMA_NORMS, mlp_feeds_residual=False),
         # Gemma 3 keeps attn_logit_softcapping in its config but does not pass it to attention.
         ModelSpec("gemma3_text", norm="rms_gemma", activation="gelu_tanh", embedding_scale=True, qk_norm=True,
-                  final_softcap_key="final_logit_softcapping", sliding_window="layer", extra_norms=_GEMMA_NORMS),
+                  final_softcap_key="final_logit_softcapping", sliding_window="layer", extra_norms=_GEMMA_NORMS,
+                  mlp_feeds_residual=False),
         ModelSpec("phi3", sliding_window="config", mlp_activation_attr="activation_fn",
                   fused_projections={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                                      "gate_up_proj": ("gate_proj", "up_proj")}),

@@ -152,7 +152,8 @@ def _fused_mlp_forward(self, *args, **kwargs):
     if x is not None and not _generating(self):
         in_bases, in_loras, down_base, down_lora, reason = _mlp_plan(self)
         if not reason:
-            return lora_mlp(x, in_bases, in_loras, down_base, down_lora, self._fastlm_activation)
+            return lora_mlp(x, in_bases, in_loras, down_base, down_lora, self._fastlm_activation,
+                            output_feeds_residual=self._fastlm_feeds_residual)
     return getattr(self, _PREVIOUS)(*args, **kwargs)
 
 
@@ -208,12 +209,15 @@ def _has_lora(modules) -> bool:
     return any(isinstance(m, LoraLayer) for m in modules)
 
 
-def install_fused_lora(model, verbose: bool = True) -> dict:
+def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = False) -> dict:
     """Install the fused LoRA paths on every MLP, attention and LoRA projection of `model` (an instance).
 
     Args:
         model: a peft.PeftModel (or any nn.Module holding PEFT LoRA layers). Calling it twice is harmless.
         verbose: print the one-line summary.
+        mlp_feeds_residual: the family's decoder layers add each MLP output straight to the residual stream
+            (ModelSpec.mlp_feeds_residual): fused MLPs then skip their down projection when recomputed for
+            backward by fastlm's offloaded checkpointing. Leave False when unsure.
     Returns:
         {"mlp" | "qkv" | "projections": {"fused": int, "peft": {reason: count}}}: what each took at install
         time. ("qkv" counts attention modules given `fastlm_project_qkv`; it is used where fastlm's attention
@@ -230,6 +234,7 @@ def install_fused_lora(model, verbose: bool = True) -> dict:
                 report["mlp"]["peft"][reason] += 1
             else:
                 report["mlp"]["fused"] += 1
+                module._fastlm_feeds_residual = mlp_feeds_residual
                 if not getattr(module, _MARK, False):
                     module._fastlm_activation = activation
                     _own_forward(module, _fused_mlp_forward)

@@ -176,7 +176,8 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
     peft_model.fastlm_lora_settings = requested
     peft_model.print_trainable_parameters()
     if fast_path_wanted(base):  # on CUDA by default (FASTLM_FAST_PATH=1/0 forces it), as the rest of the fast path
-        install_fused_lora(peft_model)  # fused MLP / q,k,v / projections where PEFT's path is not needed
+        # fused MLP / q,k,v / projections where PEFT's path is not needed
+        install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual)
     return peft_model
 
 

@@ -25,7 +25,8 @@ by reference; if one of them requires grad, the call falls back to torch's non-r
 does when the layer module cannot be found from the function transformers passes.
 
 The layer's forward and its recomputation share one `fastlm.kernels.lora.reuse_casts` memo: fused LoRA casts
-each adapter matrix to the compute dtype once per layer and step instead of twice.
+each adapter matrix to the compute dtype once per layer and step instead of twice. The recomputation is marked
+as one, so a fused MLP whose output only feeds the residual sum skips its down projection there.
 
 Limits: backward through the same graph twice (retain_graph=True) raises; a layer must not modify its input in
 place (checked), nor may anything else while the copy runs (decoder layers never do).
@@ -168,7 +169,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             stack.enter_context(torch.enable_grad())
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
-            stack.enter_context(reuse_casts(ctx.casts))
+            stack.enter_context(reuse_casts(ctx.casts, recomputing=True))
             outputs = ctx.run(*args)
         ctx.run = ctx.other_args = ctx.casts = None  # ctx.saved stays: a second backward gets take()'s clear error
         flat = outputs if isinstance(outputs, tuple) else (outputs,)

@@ -235,3 +235,40 @@ def test_reuse_casts_shares_one_copy_per_memo(device):
     for a, b, c in zip(plain, first, second):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert op._memoized(("A", 0), (), lambda: "made") == "made"      # no memo active: computed every time
+
+
+class _CountingWeight(op.DenseWeight):
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.calls = 0
+
+    def materialize(self, dtype):
+        self.calls += 1
+        return super().materialize(dtype)
+
+
+@pytest.mark.parametrize("feeds_residual", [True, False])
+def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
+    """In a recomputation (reuse_casts(..., recomputing=True)) an MLP whose output only feeds the residual sum
+    does not materialize or multiply its down weight, and the gradients from that graph are the same."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 24, generator=gen).to(device).requires_grad_()
+    gate, up = _dense(40, 24, torch.float32, device, gen=gen), _dense(40, 24, torch.float32, device, gen=gen)
+    down = _CountingWeight(_dense(24, 40, torch.float32, device, gen=gen).weight)
+    loras = [_lora(40, 24, 4, device, gen), _lora(40, 24, 4, device, gen), _lora(24, 40, 4, device, gen)]
+    upstream = torch.randn(3, 7, 24, generator=gen).to(device)
+
+    def grads():
+        y = op.lora_mlp(x, [gate, up], loras[:2], down, loras[2], "silu", output_feeds_residual=feeds_residual)
+        return y, _grads([y], _params(x, loras), [upstream])
+
+    y_normal, expected = grads()
+    calls_before = down.calls
+    with op.reuse_casts({}, recomputing=True):
+        y_recomputed, got = grads()
+    forward_calls = down.calls - calls_before - 1  # the backward materializes down once for dh
+    assert forward_calls == (0 if feeds_residual else 1)
+    if not feeds_residual:
+        assert torch.equal(y_recomputed, y_normal)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
