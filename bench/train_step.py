@@ -129,12 +129,13 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     path = make_checkpoint(args.shape)
     rows = []
     for variant in args.variants.split(","):
-        for fast in (False, True):
+        for fast in [impl == "fastlm" for impl in args.impls.split(",")]:
             try:
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps))
             except Exception as exc:  # report and go on with the other variants
@@ -142,7 +143,7 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"train_step_{args.shape}.json"), "w") as f:
+    with open(os.path.join(args.out, f"train_step_{args.shape}_{args.impls.replace(',', '-')}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     for variant in args.variants.split(","):
         pair = {r["impl"]: r for r in rows if r["variant"] == variant and "error" not in r}

@@ -69,10 +69,10 @@ def _loss_and_grads(model, batch, seed=0):
     return loss.detach(), grads, loss
 
 
-def _assert_close(ours, theirs, name):
+def _assert_close(ours, theirs, name, rtol=RTOL):
     scale = float(theirs.abs().max())
     err = float((ours.double() - theirs.double()).abs().max())
-    assert err <= RTOL * max(scale, 1e-30), f"{name}: max error {err:.3g} vs largest element {scale:.3g}"
+    assert err <= rtol * max(scale, 1e-30), f"{name}: max error {err:.3g} vs largest element {scale:.3g}"
 
 
 def _fused_nodes(loss) -> dict:
@@ -95,8 +95,11 @@ def _compare_models(plain, fused, names_prefix=""):
     loss1, grads1 = fused
     _assert_close(loss1, loss0, "loss")
     assert grads0.keys() == grads1.keys() and grads0
+    # fp32 on a GPU: cuBLAS picks other kernels (other summation orders) for the fused shapes; the H200 (run 8)
+    # showed 1.15e-5 relative at one element: the GPU's fp32 bound is 1e-4, as in test_offload_checkpointing.
+    rtol = RTOL if loss0.device.type == "cpu" else 1e-4
     for name in grads0:
-        _assert_close(grads1[name], grads0[name], names_prefix + name)
+        _assert_close(grads1[name], grads0[name], names_prefix + name, rtol)
 
 
 WHOLE_MODEL_CASES = [(t, "16bit") for t in SUPPORTED_TYPES] + [(t, "4bit") for t in SUPPORTED_TYPES] + \
