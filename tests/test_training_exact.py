@@ -8,7 +8,10 @@ Tolerance: fp32 (also on a GPU: dtype=torch.float32); padding and packing change
 relative 1e-5 of the largest gradient (the design's fp32 rule) is ample; a mean over one micro-batch instead of the
 accumulated step would be off by tens of percent.
 """
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +129,28 @@ def test_packed_without_restarting_positions_differs(llama):
         assert model(**packed).loss.item() == pytest.approx(reference.item(), rel=1e-5)
         packed["position_ids"] = torch.arange(packed["input_ids"].shape[1], device=model.device).unsqueeze(0)
         assert model(**packed).loss.item() != pytest.approx(reference.item(), rel=1e-3)
+
+
+def _data_parallel_step(checkpoint, out_dir, *flags):
+    """(loss, grads) of one step on 2 CPU data-parallel ranks (tests/fixtures/dp_step.py via torch.distributed.run;
+    gloo, CUDA hidden so that it runs the same on a GPU machine)."""
+    worker = os.path.join(os.path.dirname(__file__), "fixtures", "dp_step.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           worker, checkpoint, str(out_dir), *flags], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(os.path.join(out_dir, "grads.pt"))
+    return saved["loss"], saved["grads"]
+
+
+def test_data_parallel_ranks_count_tokens_together(llama, tmp_path, reference_step):
+    """2 ranks x batch 2 x accumulation 2 over the same 8 examples: the step's loss and gradients equal one process's
+    batch 8 (token counts summed across ranks, DDP's mean undone); dividing by each rank's own count differs."""
+    if torch.cuda.is_available():  # the reference step ran on the GPU: recompute it on the CPU like the ranks
+        pytest.skip("compares against the CPU reference step; the ranks run on the CPU (gloo)")
+    _assert_same(reference_step, _data_parallel_step(llama, tmp_path / "exact"))
+    loss, grads = _data_parallel_step(llama, tmp_path / "per_rank", "--per-rank-mean")
+    name = next(iter(grads))
+    assert not torch.allclose(grads[name], reference_step[1][name], rtol=1e-3,
+                              atol=1e-3 * reference_step[1][name].abs().max())

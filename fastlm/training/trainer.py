@@ -65,8 +65,20 @@ def training_arguments(output_dir: str, *, batch_size: int = 8, gradient_accumul
         logging_strategy="steps", logging_steps=logging_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         report_to=report_to, optim=optim, remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=True, dataloader_num_workers=0, average_tokens_across_devices=True,
-        **(precision or {}), **steps, **extra)
+        disable_tqdm=True, dataloader_num_workers=0, **{"average_tokens_across_devices": True, **extra},
+        **_cpu_settings(extra), **(precision or {}), **steps)
+
+
+def _cpu_settings(extra: dict) -> dict:
+    """Without CUDA: use_cpu=True and the gloo backend, so that several CPU processes started by
+    torch.distributed.run train data-parallel (DDP, token counts summed across ranks); without use_cpu the
+    Trainer sees one process per rank and never all-reduces the gradients (tests/test_training_exact.py)."""
+    if torch.cuda.is_available():
+        return {}
+    settings = {"use_cpu": True}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a backend alone makes accelerate expect a process group
+        settings["ddp_backend"] = "gloo"
+    return {k: v for k, v in settings.items() if k not in extra}
 
 
 def build_trainer(model, tokenizer, examples: list, collator, args: TrainingArguments, callbacks=()) -> Trainer:
