@@ -140,8 +140,14 @@ def test_data_errors(tmp_path, content, extra, message):
     ("--batch-size", "0", "--batch-size must be at least 1"), ("--learning-rate", "0", "--learning-rate must be"),
     ("--max-steps", "0", "--max-steps must be at least 1"), ("--lr-scheduler", "wavy", "not one of linear, cosine"),
     ("--max-seq-length", "1", "--max-seq-length must be at least 2"),
+    ("--report-to", "tensorbored", "'tensorbored' is not a logger the Trainer knows"),
+    ("--report-to", "wandb", "wandb to be installed"),  # not installed in CI (the test skips where it is)
 ])
 def test_option_errors(tmp_path, option, value, message):
+    if value == "wandb":
+        import importlib.util
+        if importlib.util.find_spec("wandb") is not None:
+            pytest.skip("wandb is installed here")
     with pytest.raises(SystemExit, match=message):
         main(["finetune", option, value, "--output-dir", str(tmp_path / "out")])
 
@@ -204,3 +210,13 @@ def test_env(capsys):
     main(["env"])
     printed = capsys.readouterr().out
     assert "torch" in printed and "transformers" in printed
+
+
+def test_report_to_tensorboard_writes_events(tiny_checkpoint, text_data, tmp_path):
+    """--report-to tensorboard: the Trainer's TensorBoard logger writes its event file into the run directory."""
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "tb"
+    main(_tiny_args(tiny_checkpoint("llama"), text_data, out, "--max-steps", "2", "--save-steps", "0",
+                    "--report-to", "tensorboard"))
+    events = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.startswith("events.out.tfevents")]
+    assert events and all(os.path.getsize(e) > 0 for e in events), events

@@ -93,6 +93,7 @@ def check_values(config: FinetuneConfig) -> None:
     schedulers = [s.value for s in SchedulerType]
     if config.lr_scheduler not in schedulers:
         raise SystemExit(f"fastlm: --lr-scheduler {config.lr_scheduler!r} is not one of {', '.join(schedulers)}.")
+    loggers(config.report_to)
 
 
 def prepare_output_dir(config: FinetuneConfig) -> Optional[str]:
@@ -167,6 +168,29 @@ def exact_match(model, tokenizer, pairs: list, max_new_tokens: int, batch_size: 
     return sum(hits) / len(pairs), answers
 
 
+def loggers(report_to) -> list:
+    """--report-to as the Trainer's report_to list, checked first: an unknown name or a logger whose package is
+    missing is a one-line exit here, not an error from inside the Trainer. TensorBoard writes under
+    <output_dir>/checkpoints/runs/ (or $TENSORBOARD_LOGGING_DIR), as the Trainer places it."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [r.strip() for r in report_to.split(",")] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n]
+    if not names or names == ["none"]:
+        return ["none"]
+    if names == ["all"]:
+        return names
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise SystemExit(f"fastlm: --report-to {name!r} is not a logger the Trainer knows; use none, all or "
+                             f"one of {', '.join(sorted(INTEGRATION_TO_CALLBACK))}.")
+        try:
+            INTEGRATION_TO_CALLBACK[name]()  # each logger's callback checks that its package is importable
+        except (RuntimeError, ImportError) as err:
+            raise SystemExit(f"fastlm: --report-to {name}: {str(err).strip()}") from None
+    return names
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(config: FinetuneConfig):
     """Turn an out-of-memory error (CUDA, or a failed CPU allocation) inside the block into a one-line exit that
@@ -226,8 +250,7 @@ def run(config: FinetuneConfig) -> dict:
         gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
         lr_scheduler=config.lr_scheduler, warmup_steps=config.warmup_steps, max_steps=max_steps,
         epochs=config.epochs, seed=config.seed, save_steps=config.save_steps,
-        report_to=[r.strip() for r in config.report_to.split(",")] if isinstance(config.report_to, str)
-        else config.report_to, precision=mixed_precision(model))
+        report_to=loggers(config.report_to), precision=mixed_precision(model))
     trainer = build_trainer(model, tokenizer, train, collator, args, [progress])
     with out_of_memory_hint(config):
         trainer.train(resume_from_checkpoint=resume_from)
