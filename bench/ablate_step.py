@@ -10,9 +10,13 @@ Loads the bench/train_step.py model once with fastlm, then times (3 warm-up + N 
     no-memo       LoRA casts made at every call (no per-layer memo)
     ckpt-true     torch's non-reentrant checkpoint instead of the offloaded one
     no-ckpt       no gradient checkpointing
+    gc-frozen     as shipped, after gc.freeze() (Python's cyclic collector no longer walks the loaded objects)
+    gc-disabled   as shipped, with Python's cyclic collector off
+"all again" repeats the first setting at the end, to show drift over the run.
 The switches are monkeypatches of this process only (bench code, not library options).
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -64,15 +68,25 @@ def main():
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0)).cuda()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    settings = {
-        "all": {},
-        "no-skip": {"_recomputing": lambda: False},
-        "no-memo": {"_memoized": lambda key, sources, make: make()},
-        "ckpt-true": {"checkpointing": True},
-        "no-ckpt": {"checkpointing": False},
-    }
+    settings = [
+        ("all", {}),
+        ("gc-frozen", {"gc": "freeze"}),
+        ("no-skip", {"_recomputing": lambda: False}),
+        ("no-memo", {"_memoized": lambda key, sources, make: make()}),
+        ("ckpt-true", {"checkpointing": True}),
+        ("no-ckpt", {"checkpointing": False}),
+        ("all again", {}),
+        ("gc-disabled", {"gc": "disable"}),
+    ]
     rows = []
-    for name, patches in settings.items():
+    for name, patches in settings:
+        patches = dict(patches)
+        gc_mode = patches.pop("gc", None)
+        if gc_mode == "freeze":  # everything alive now moves out of the collector's reach (until unfreeze)
+            gc.collect()
+            gc.freeze()
+        elif gc_mode == "disable":
+            gc.disable()
         saved = {k: getattr(lora_op, k) for k in patches if k != "checkpointing"}
         for key, value in patches.items():
             if key != "checkpointing":
@@ -86,6 +100,8 @@ def main():
             row = dict(setting=name, error=repr(exc)[:300])
         for key, value in saved.items():
             setattr(lora_op, key, value)
+        gc.unfreeze()
+        gc.enable()
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
