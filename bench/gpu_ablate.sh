@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the 1B training step with each implementation in its own process, the ablation of fastlm's
 # training-path features (bench/ablate_step.py) for QLoRA and LoRA bf16, and the 1B QLoRA profile. ~5 minutes.
-set -u
-mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RES=/tmp/res; mkdir -p $RES; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+source bench/gpu_env.sh
 timeout 60 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fused_lora.py -k "adapter_directory or offloaded" > $RES/tests.log 2>&1; tail -n 2 $RES/tests.log
 for impl in fastlm hf; do
   timeout 100 python3 bench/train_step.py --out $RES --shape 1b --steps 6 --impls $impl > $RES/train_step_1b_$impl.log 2>&1

@@ -2,12 +2,7 @@
 # One device call for everything that needs the GPU: the test suite (fast-path and kernel tests first), then the
 # training-step, offloaded-checkpointing, fused-LoRA and RMSNorm benchmarks. Logs and JSON go to /tmp/res and
 # come back as $OUT/results.tgz (the device tool returns at most 8 files). Budget ~9 minutes.
-set -u
-mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RES=/tmp/res; mkdir -p $RES; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > $RES/gpu.txt 2>&1
-python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__)" >> $RES/gpu.txt
+source bench/gpu_env.sh
 CORE="tests/kernels tests/test_patching.py tests/test_fused_lora.py tests/test_offload_checkpointing.py tests/test_architectures.py"
 timeout ${CORE_S:-220} python3 -m pytest -q -rfE -p no:cacheprovider --timeout 120 $CORE > $RES/tests_core.log 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" $RES/tests_core.log | tail -n 30

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the whole GPU test suite (fast-path and kernel tests first), then the Llama-3.1-8B QLoRA step
 # with each implementation in its own process (clean memory figures). Results come back as $OUT/results.tgz.
-set -u
-mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RES=/tmp/res; mkdir -p $RES; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > $RES/gpu.txt 2>&1
+source bench/gpu_env.sh
 CORE="tests/kernels tests/test_patching.py tests/test_fused_lora.py tests/test_offload_checkpointing.py tests/test_architectures.py"
 timeout ${CORE_S:-200} python3 -m pytest -q -rfE -p no:cacheprovider --timeout 100 $CORE > $RES/tests_core.log 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" $RES/tests_core.log | cut -c1-240 | tail -n 20

@@ -2,12 +2,7 @@
 # One device call: the GPU tests that failed in run 4 (with their diagnostics printed), the Gemma RMSNorm launch
 # sweep, and the training-step profiles (8B QLoRA and 1B LoRA bf16, fastlm and transformers + PEFT). Logs and JSON
 # go to /tmp/res and come back as $OUT/results.tgz. Budget ~9 minutes.
-set -u
-mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RES=/tmp/res; mkdir -p $RES; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > $RES/gpu.txt 2>&1
-python3 -c "import torch, triton, transformers, peft, huggingface_hub; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, huggingface_hub.__version__)" >> $RES/gpu.txt
+source bench/gpu_env.sh
 timeout ${TESTS_S:-150} python3 -m pytest -q -s -rfE -p no:cacheprovider --timeout 100 tests/test_offload_checkpointing.py \
   "tests/test_patching.py::test_bf16_parity_on_gpu" "tests/test_loading.py::test_hub_id_from_cache_offline_with_revision" \
   tests/test_fused_lora.py > $RES/tests.log 2>&1

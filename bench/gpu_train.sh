@@ -2,12 +2,7 @@
 # One device call for the training path: the GPU tests of the fused-LoRA / fast-path / checkpointing code, then
 # bench/train_step.py at the 1B shape (QLoRA and LoRA bf16, batch 4) and the 8B shape (QLoRA, batch 2), then the
 # 8B fastlm profile. Logs and JSON go to /tmp/res and come back as $OUT/results.tgz. Budget ~9.5 minutes.
-set -u
-mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RES=/tmp/res; mkdir -p $RES; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > $RES/gpu.txt 2>&1
-python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__)" >> $RES/gpu.txt
+source bench/gpu_env.sh
 TESTS="tests/kernels/test_lora.py tests/kernels/test_rms_norm.py tests/test_patching.py tests/test_fused_lora.py tests/test_offload_checkpointing.py tests/test_training_exact.py tests/test_loading.py"
 timeout ${TESTS_S:-170} python3 -m pytest -q -s -rfE -p no:cacheprovider --timeout 100 $TESTS > $RES/tests.log 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed|bf16-parity|offload-memory" $RES/tests.log | cut -c1-250 | tail -n 24
