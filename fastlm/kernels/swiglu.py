@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import _gated
 from fastlm.kernels._utils import next_power_of_2, use_triton
 
 # Tuning constants, chosen by rule; to be measured on the H200 with bench/kernel_ops/swiglu.py.
@@ -71,67 +72,26 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, 
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every output buffer comes from here (tests swap in a NaN-filled allocator to prove full coverage)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with unit column stride; a view whenever the layout allows."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
-
-
 def _block_for(n: int) -> int:
     """BLOCK, shrunk to the next power of 2 >= N for narrow rows."""
     return min(BLOCK, next_power_of_2(n))
 
 
-def _grid(m: int, n: int) -> tuple[tuple[int], int]:
-    n_col_blocks = triton.cdiv(n, _block_for(n))
-    return (m * n_col_blocks,), n_col_blocks
-
-
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Host wrapper: gate, up (..., N) -> y (..., N) contiguous, same dtype."""
-    g2, u2 = _rows(gate), _rows(up)
-    m, n = g2.shape
-    y = _alloc((m, n), gate.dtype, gate.device)
-    if y.numel():
-        grid, n_col_blocks = _grid(m, n)
-        _swiglu_fwd_kernel[grid](g2, u2, y, n, g2.stride(0), u2.stride(0), y.stride(0), n_col_blocks,
-                                 BLOCK=_block_for(n), num_warps=NUM_WARPS)
-    return y.view(gate.shape)
+    return _gated.forward(_swiglu_fwd_kernel, gate, up, _block_for(gate.shape[-1]), NUM_WARPS)
 
 
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace."""
-    dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
-    m, n = g2.shape
-    if inplace:
-        dg, du = g2, u2
-    else:
-        dg, du = _alloc((m, n), gate.dtype, gate.device), _alloc((m, n), up.dtype, up.device)
-    if dg.numel():
-        grid, n_col_blocks = _grid(m, n)
-        _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, n, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                 dg.stride(0), du.stride(0), n_col_blocks, BLOCK=_block_for(n),
-                                 num_warps=NUM_WARPS)
-    return dg.view(gate.shape), du.view(up.shape)
-
-
-def _graph_owned(x: torch.Tensor) -> bool:
-    """True when x's storage belongs to an intermediate result of the autograd graph."""
-    base = x if x._base is None else x._base
-    return base.grad_fn is not None
+    return _gated.backward(_swiglu_bwd_kernel, dy, gate, up, inplace, _block_for(gate.shape[-1]), NUM_WARPS)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, inplace_backward):
-        ctx.inplace = (inplace_backward and _graph_owned(gate) and _graph_owned(up)
-                       and gate.data_ptr() != up.data_ptr())
+        ctx.inplace = _gated.may_overwrite(gate, up, inplace_backward)
         ctx.save_for_backward(gate, up)
         return swiglu_forward(gate, up)
 

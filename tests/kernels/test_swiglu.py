@@ -5,6 +5,7 @@ from transformers.activations import ACT2FN
 
 from fastlm.kernels import swiglu as op
 from tests.kernels.check import ULP, assert_no_worse_than_reference
+from tests.kernels.gated import check, inputs, poison  # noqa: F401 (poison is a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -17,46 +18,18 @@ def _tol(dtype):
     return dict(rtol=ULP[dtype] + 4 * ULP[torch.float32], atol=2.0**-20)
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Every buffer the host wrappers allocate starts as NaN: a finite result proves full coverage."""
-    monkeypatch.setattr(op, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                              device=device))
-
-
-def _inputs(shape, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gate = (2 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)  # spans silu's bend
-    up = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    return gate, up, dy
-
-
 def _check(gate, up, dy, y, dgate, dup, name):
-    """Compare kernel outputs with the reference at the dtype and the exact fp64 result."""
-    g_ref = gate.detach().clone().requires_grad_()
-    u_ref = up.detach().clone().requires_grad_()
-    y_ref = op.reference(g_ref, u_ref)
-    dg_ref, du_ref = torch.autograd.grad(y_ref, (g_ref, u_ref), dy)
-    g64 = gate.detach().double().requires_grad_()
-    u64 = up.detach().double().requires_grad_()
-    y64 = op.reference(g64, u64)
-    dg64, du64 = torch.autograd.grad(y64, (g64, u64), dy.double())
-    tol = _tol(gate.dtype)
-    assert y.dtype == gate.dtype and dgate.dtype == gate.dtype and dup.dtype == up.dtype
-    assert_no_worse_than_reference(y, y_ref, y64, name=f"{name} y", **tol)
-    assert_no_worse_than_reference(dgate, dg_ref, dg64, name=f"{name} dgate", **tol)
-    assert_no_worse_than_reference(dup, du_ref, du64, name=f"{name} dup", **tol)
+    check(op.reference, gate, up, dy, y, dgate, dup, _tol(gate.dtype), name)
 
 
 def test_reference_is_transformers():
-    gate, up, _ = _inputs((4, 33), torch.bfloat16, "cpu")
+    gate, up, _ = inputs((4, 33), torch.bfloat16, "cpu")
     assert torch.equal(op.reference(gate, up), ACT2FN["silu"](gate) * up)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_backward(dtype, device, poison):
-    gate, up, dy = _inputs((3, 37, 129), dtype, device)
+    gate, up, dy = inputs((3, 37, 129), dtype, device)
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()  # leaves: out-of-place backward
     y = op.swiglu(g, u)
     dgate, dup = torch.autograd.grad(y, (g, u), dy)
@@ -68,7 +41,7 @@ def test_forward_backward(dtype, device, poison):
 def test_inplace_backward(dtype, device):
     """Non-leaf gate/up (as out of gate_proj/up_proj): the gradients land in their storage, with the
     same values as the out-of-place backward."""
-    gate, up, dy = _inputs((5, 300), dtype, device, seed=1)
+    gate, up, dy = inputs((5, 300), dtype, device, seed=1)
     g_leaf, u_leaf = gate.clone().requires_grad_(), up.clone().requires_grad_()
     g, u = g_leaf * 1, u_leaf * 1
     g_ptr, u_ptr = g.data_ptr(), u.data_ptr()
@@ -85,8 +58,8 @@ def test_inplace_backward(dtype, device):
 @pytest.mark.parametrize("inplace_backward", [True, False])
 def test_fused_gate_up_chunks(device, poison, inplace_backward):
     """gate/up as strided halves of one fused projection output (Phi3's gate_up_proj)."""
-    gate_up, _, _ = _inputs((2, 7, 2 * 200), torch.bfloat16, device, seed=2)
-    _, _, dy = _inputs((2, 7, 200), torch.bfloat16, device, seed=3)
+    gate_up, _, _ = inputs((2, 7, 2 * 200), torch.bfloat16, device, seed=2)
+    _, _, dy = inputs((2, 7, 200), torch.bfloat16, device, seed=3)
     leaf = gate_up.clone().requires_grad_()
     gate, up = (leaf * 1).chunk(2, dim=-1)
     assert not gate.is_contiguous()
@@ -98,7 +71,7 @@ def test_fused_gate_up_chunks(device, poison, inplace_backward):
 
 def test_no_grad_and_single_grad(device):
     """Under no_grad no graph is built; with only `up` requiring grad only dup is returned."""
-    gate, up, dy = _inputs((4, 130), torch.float16, device, seed=4)
+    gate, up, dy = inputs((4, 130), torch.float16, device, seed=4)
     with torch.no_grad():
         y = op.swiglu(gate, up)
     assert y.grad_fn is None
@@ -120,7 +93,7 @@ def _reference_up_only(gate, up, dy):
 
 @pytest.mark.gpu
 def test_llama_shape_gpu():
-    gate, up, dy = _inputs((4096, 14336), torch.bfloat16, "cuda", seed=5)
+    gate, up, dy = inputs((4096, 14336), torch.bfloat16, "cuda", seed=5)
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
     y = op.swiglu(g, u)
     dgate, dup = torch.autograd.grad(y, (g, u), dy)
@@ -128,7 +101,7 @@ def test_llama_shape_gpu():
 
 
 def test_fallback_without_triton(monkeypatch):
-    gate, up, _ = _inputs((3, 20), torch.float32, "cpu", seed=6)
+    gate, up, _ = inputs((3, 20), torch.float32, "cpu", seed=6)
     monkeypatch.setattr(op, "use_triton", lambda *tensors: False)
     assert torch.equal(op.swiglu(gate, up), op.reference(gate, up))
 
@@ -138,7 +111,7 @@ def test_inplace_backward_memory_gpu():
     """The in-place backward allocates no (M, N) gradient buffers; the out-of-place one allocates two."""
     extra = {}
     for inplace in (True, False):
-        gate, up, dy = _inputs((4096, 14336), torch.bfloat16, "cuda", seed=7)
+        gate, up, dy = inputs((4096, 14336), torch.bfloat16, "cuda", seed=7)
         g_leaf, u_leaf = gate.requires_grad_(), up.requires_grad_()
         g, u = g_leaf * 1, u_leaf * 1  # non-leaf, as out of gate_proj/up_proj
         y = op.swiglu(g, u, inplace_backward=inplace)
