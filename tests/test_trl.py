@@ -21,8 +21,10 @@ def _rows(kind: str) -> list:
             for i in range(8)]
 
 
-@pytest.mark.parametrize("kind", ["text", "prompt_completion", "messages"])
-def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind):
+@pytest.mark.parametrize("kind,bf16", [("text", False), ("prompt_completion", False), ("messages", False),
+                                       ("text", True)])
+def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind, bf16):
+    """bf16=True: the Trainer's bf16 mixed precision (autocast; on the CPU too) over fastlm's fp32 adapters."""
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
                                                          max_seq_length=64)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -30,10 +32,12 @@ def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                          max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
-                         max_length=64, disable_tqdm=True, bf16=False)
+                         max_length=64, disable_tqdm=True, bf16=bf16,
+                         use_cpu=bf16 and not torch.cuda.is_available())  # bf16 on a CPU needs it said
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(kind)),
                              processing_class=tokenizer)
     trainer.train()
+    assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
