@@ -42,3 +42,24 @@ def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind, bf16
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(changed) == len(before)
+
+
+@pytest.mark.gpu
+def test_sft_trainer_fp16_on_gpu(tiny_checkpoint, tmp_path):
+    """fp16 mixed precision (what fastlm picks on GPUs without bf16): an fp16 model, fp32 adapters, the Trainer's
+    gradient scaler. CUDA only (accelerate has no fp16 autocast on the CPU)."""
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                         max_seq_length=64, dtype=torch.float16)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+                         max_length=64, disable_tqdm=True, fp16=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows("text")),
+                             processing_class=tokenizer)
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "fp16"
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
