@@ -27,8 +27,10 @@ saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks
 up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
-fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In fp32 this equals PEFT
-to rounding; in bf16 it differs from PEFT (which computes the LoRA branch in fp32) by bf16 rounding.
+fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
+fp32 this equals PEFT to rounding; in bf16 it rounds at other places than PEFT does (base and LoRA products
+summed in one GEMM accumulation, the activation rounded once) and is as accurate: tests/test_fused_lora.py
+(bf16 autocast) and tests/test_patching.py (bf16 weights, on the GPU) compare both with the fp32 result.
 
 Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, lora_mlp, reuse_casts, reference_projection,
 reference_mlp, activation_forward, activation_backward.
@@ -260,7 +262,7 @@ def _forward_group(x2, bases, As, Bs, scales, dtype, skip_outputs=False):
     xa_all = x2 @ a_all.T if with_lora else None
     b_scaled = [None if As[i] is None else _scaled_b(Bs[i], scales[i], dtype) for i in range(len(bases))]
     if skip_outputs:
-        return [x2.new_empty(x2.shape[0], b.shape[0]) for b in bases], xa_all, a_all, b_scaled
+        return [x2.new_empty(x2.shape[0], base.shape[0]) for base in bases], xa_all, a_all, b_scaled
     ys, offset = [], 0
     for i, base in enumerate(bases):
         w = base.materialize(dtype)
