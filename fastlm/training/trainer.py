@@ -70,9 +70,10 @@ def training_arguments(output_dir: str, *, batch_size: int = 8, gradient_accumul
 
 
 def _cpu_settings(extra: dict) -> dict:
-    """Without CUDA: use_cpu=True and the gloo backend, so that several CPU processes started by
-    torch.distributed.run train data-parallel (DDP, token counts summed across ranks); without use_cpu the
-    Trainer sees one process per rank and never all-reduces the gradients (tests/test_training_exact.py)."""
+    """Without CUDA (fastlm then keeps models on the CPU): use_cpu=True, and the gloo backend, so that several CPU
+    processes started by torch.distributed.run train data-parallel (DDP, token counts summed across ranks);
+    without use_cpu the Trainer sees one process per rank and never all-reduces the gradients
+    (tests/test_training_exact.py)."""
     if torch.cuda.is_available():
         return {}
     settings = {"use_cpu": True}
