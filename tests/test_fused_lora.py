@@ -396,9 +396,14 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, tiny_checkpoint, mo
     skips, forward_group = [], lora_op._forward_group
     monkeypatch.setattr(lora_op, "_forward_group", lambda *a, skip_outputs=False: (
         skips.append(skip_outputs), forward_group(*a, skip_outputs=skip_outputs))[1])
+    activations, activation_forward = [], lora_op.activation_forward
+    monkeypatch.setattr(lora_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
     offloaded = _loss_and_grads(model.train(), batch)[:2]
     layers = model.config.num_hidden_layers
     assert skips.count(True) == (layers if model_type == "llama" else 0)  # one per layer, in the recomputation
+    # h = act(gate) * up per layer: forward, recomputation (not needed where the down projection is skipped and
+    # h A_down^T comes from the forward's memo), and backward (for dA of down).
+    assert len(activations) == layers * (2 if model_type == "llama" else 3)
     set_gradient_checkpointing(model, False)
     _compare_models(_loss_and_grads(model, batch)[:2], offloaded)
 

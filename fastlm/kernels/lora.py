@@ -206,10 +206,12 @@ def reuse_casts(memo: dict, recomputing: bool = False):
     """Within this block, LoRA casts are looked up in / stored into `memo` (a dict owned by the caller).
 
     recomputing: the block re-runs a layer's forward only to rebuild its graph for backward (gradient
-    checkpointing), so an MLP whose output feeds only the residual sum may skip computing it (see lora_mlp)."""
+    checkpointing): the products x A^T the forward pass stored in the memo are taken again instead of recomputed,
+    and an MLP whose output feeds only the residual sum may skip computing it (see lora_mlp)."""
     stack = getattr(_memo_stack, "memos", None)
     if stack is None:
         stack = _memo_stack.memos = []
+    memo[_OCCURRENCES] = {}  # each pass (forward, recomputation) counts its calls from zero
     stack.append((memo, recomputing))
     try:
         yield
@@ -236,6 +238,37 @@ def _memoized(key, sources, make):
     return value
 
 
+_OCCURRENCES = "occurrences"
+
+
+def _lora_input_product(x_source, a_all, As, m: int):
+    """x A_all^T (M, R): made by the forward pass and kept in the memo, taken again by the recomputation.
+
+    The recomputation sees the same input as the forward (recomputed from the same saved layer input by the same
+    kernels), so the product is the same; reusing it saves one skinny GEMM per group and recomputation (up to
+    three launches under cuBLAS's split-K). Calls are told apart by how many times this group has been called in
+    the pass, so a layer that called one group twice would still pair each call with its own product.
+    x_source: the input (M, K), or a function returning it (called only when the product is made)."""
+    def make():
+        x = x_source() if callable(x_source) else x_source
+        return x @ a_all.T
+    stack = getattr(_memo_stack, "memos", None)
+    if not stack:
+        return make()
+    memo, recomputing = stack[-1]
+    group = tuple(id(a) for a in As)
+    occurrences = memo.setdefault(_OCCURRENCES, {})
+    key = ("xa", group, occurrences.get(group, 0))
+    occurrences[group] = key[2] + 1
+    hit = memo.get(key)
+    if recomputing and hit is not None and all(a is b for a, b in zip(hit[0], As)) and hit[1].shape[0] == m:
+        return hit[1]
+    value = make()
+    if not recomputing:
+        memo[key] = (tuple(As), value)
+    return value
+
+
 def _stacked_a(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """[A_0; A_1; ...] (R, K) in `dtype`."""
     def make():
@@ -252,17 +285,22 @@ def _scaled_b(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     return _memoized(("B", id(B), scale, dtype), (B,), make)
 
 
-def _forward_group(x2, bases, As, Bs, scales, dtype, skip_outputs=False):
-    """y_i = x W_i^T (+ b_i) + (x A_i^T) B_i'^T for every projection of x2 (M, K).
+def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dtype, skip_outputs=False):
+    """y_i = x W_i^T (+ b_i) + (x A_i^T) B_i'^T for every projection of x (M, K).
 
+    x_source: x, or a function returning it (with skip_outputs, called only when x A^T is not in the memo);
+    rows_like: any tensor with x's M rows, on x's device (x itself, or the MLP's input for its hidden state).
     Returns (ys, xa_all (M, R) or None, A_all (R, K) or None, Bs' (list, None where no LoRA)). skip_outputs:
     the ys are left uncomputed (torch.empty): only what backward saves (xa_all and the casts) is made."""
     with_lora = [i for i, a in enumerate(As) if a is not None]
     a_all = _stacked_a([As[i] for i in with_lora], dtype) if with_lora else None
-    xa_all = x2 @ a_all.T if with_lora else None
+    m = rows_like.shape[0]
+    xa_all = _lora_input_product(x_source, a_all, [As[i] for i in with_lora], m) if with_lora else None
     b_scaled = [None if As[i] is None else _scaled_b(Bs[i], scales[i], dtype) for i in range(len(bases))]
     if skip_outputs:
-        return [x2.new_empty(x2.shape[0], base.shape[0]) for base in bases], xa_all, a_all, b_scaled
+        outs = [torch.empty(m, base.shape[0], dtype=dtype, device=rows_like.device) for base in bases]
+        return outs, xa_all, a_all, b_scaled
+    x2 = x_source() if callable(x_source) else x_source
     ys, offset = [], 0
     for i, base in enumerate(bases):
         w = base.materialize(dtype)
@@ -332,7 +370,7 @@ class _ProjectionsFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, len(bases))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            ys, xa_all, a_all, b_scaled = _forward_group(x2, bases, As, Bs, scales, dtype)
+            ys, xa_all, a_all, b_scaled = _forward_group(x2, x2, bases, As, Bs, scales, dtype)
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scales, dtype, x.shape, x.dtype
         ctx.save_for_backward(x2, xa_all, a_all, *b_scaled, *adapters)   # None where there is no LoRA
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
@@ -389,11 +427,14 @@ class _MLPFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, n_in + 1)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xa_all, a_all, b_scaled = _forward_group(x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+            outs, xa_all, a_all, b_scaled = _forward_group(x2, x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in],
+                                                           dtype)
             gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
-            h = activation_forward(gate, up, activation)
-            (y,), ha, a_down, (b_down,) = _forward_group(h, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype,
-                                                         skip_outputs=skip_output)
+            # Skipping the output, h is needed only for h A_down^T, which the recomputation finds in the memo.
+            h = (lambda: activation_forward(gate, up, activation)) if skip_output else \
+                activation_forward(gate, up, activation)
+            (y,), ha, a_down, (b_down,) = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:],
+                                                         dtype, skip_outputs=skip_output)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
         ctx.save_for_backward(x2, *outs, xa_all, a_all, *b_scaled, ha, a_down, b_down, *adapters)

@@ -218,8 +218,9 @@ def test_mlp_bf16_gpu(n_in):
 
 
 def test_reuse_casts_shares_one_copy_per_memo(device):
-    """Inside reuse_casts(memo) the compute-dtype copies of A (stacked) and s * B are made once and reused by a
-    second call (the recomputation); outside any memo nothing is kept. Results are identical either way."""
+    """Inside reuse_casts(memo) the compute-dtype copies of A (stacked) and s * B, and the product x A^T, are made
+    by the forward pass; the recomputation (recomputing=True) takes them again instead of making new ones. Outside
+    any memo nothing is kept. Results are identical either way."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 32, generator=gen).to(device)
     bases = [_dense(24, 32, torch.float32, device, gen=gen) for _ in range(3)]
@@ -228,13 +229,37 @@ def test_reuse_casts_shares_one_copy_per_memo(device):
     memo = {}
     with op.reuse_casts(memo):
         first = op.lora_projections(x, bases, loras)
-        cached = {k: v[1] for k, v in memo.items()}
-        second = op.lora_projections(x, bases, loras)
-    assert len(memo) == 1 + 3, sorted(str(k[0]) for k in memo)  # stacked A, and s * B per projection
-    assert all(memo[k][1] is v for k, v in cached.items())         # the second call made no new copy
-    for a, b, c in zip(plain, first, second):
+    made = {k: v[1] for k, v in memo.items() if isinstance(k, tuple)}
+    assert sorted(k[0] for k in made) == ["A", "B", "B", "B", "xa"]  # stacked A, s * B per projection, x A^T
+    with op.reuse_casts(memo, recomputing=True):
+        again = op.lora_projections(x, bases, loras)
+    assert all(memo[k][1] is v for k, v in made.items())            # the recomputation made no new copy
+    for a, b, c in zip(plain, first, again):
         assert torch.equal(a, b) and torch.equal(b, c)
+    # Proof that x A^T came from the memo: a recomputation fed another input keeps the forward's product.
+    with op.reuse_casts(memo, recomputing=True):
+        other = op.lora_projections(2 * x, bases, loras)
+    fresh = op.lora_projections(2 * x, bases, loras)
+    assert all(not torch.equal(a, b) for a, b in zip(other, fresh))
     assert op._memoized(("A", 0), (), lambda: "made") == "made"      # no memo active: computed every time
+
+
+def test_recomputation_pairs_repeated_calls_with_their_own_products(device):
+    """A group called twice in one pass (other inputs) gets each call's own x A^T back in the recomputation (fp32:
+    the fused sums differ from the plain formula by reordering only, far below 1e-5)."""
+    gen = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(3, 16, generator=gen).to(device) for _ in range(2))
+    bases, loras = [_dense(8, 16, torch.float32, device, gen=gen)], [_lora(8, 16, 2, device, gen)]
+    memo = {}
+    with op.reuse_casts(memo):
+        for x in (x1, x2):
+            op.lora_projections(x, bases, loras)
+    with op.reuse_casts(memo, recomputing=True):  # fed 2x: the base term follows the input, x A^T is the forward's
+        recomputed = [op.lora_projections(2 * x, bases, loras)[0] for x in (x1, x2)]
+    lora = loras[0]
+    for x, got in zip((x1, x2), recomputed):
+        expected = 2 * x @ bases[0].weight.T + (x @ lora.A.T) @ (lora.scale * lora.B).T
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 class _CountingWeight(op.DenseWeight):
