@@ -25,10 +25,11 @@ by reference; if one of them requires grad, the call falls back to torch's non-r
 does when the layer module cannot be found from the function transformers passes.
 
 The layer's forward and its recomputation share one `fastlm.kernels.lora.reuse_casts` memo: fused LoRA casts
-each adapter matrix to the compute dtype once per layer and step instead of twice (the copies, 2 bytes per LoRA
-parameter in bf16, live from the layer's forward to its backward: 84 MB over all layers at Llama-3.1-8B, r=16).
-The recomputation is marked as one, so a fused MLP whose output only feeds the residual sum skips its down
-projection there.
+each adapter matrix to the compute dtype once per layer and step instead of twice, and the recomputation takes the
+forward's x A^T products instead of recomputing them (these live from the layer's forward to its backward: the
+casts 2 bytes per LoRA parameter, 84 MB over all layers at Llama-3.1-8B with r=16; the products 2 bytes x tokens
+x the summed ranks, 29 MB there at batch 2 x 2048). The recomputation is marked as one, so a fused MLP whose output
+only feeds the residual sum skips its down projection there.
 
 Limits: backward through the same graph twice (retain_graph=True) raises; a layer must not modify its input in
 place (checked), nor may anything else while the copy runs (decoder layers never do).
