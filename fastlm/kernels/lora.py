@@ -8,7 +8,9 @@ Backward computes only what is asked for (ctx.needs_input_grad):
     dx = dy W + s * (dy B) A                 (M, K)   W materialized again, never saved
 The projections of one input (q, k, v; gate, up) stack their A matrices so that x A^T, dA and the LoRA part of
 dx are one GEMM each for the whole group; B is kept pre-scaled (s B) in the compute dtype (see
-`_forward_group`, `reuse_casts`).
+`_forward_group`, `reuse_casts`). The MLP's gate and up are written side by side into one (M, 2I) tensor, so
+their LoRA terms, (dy B) and dB are one GEMM each too, through the block-diagonal [s_g B_g, 0; 0, s_u B_u]
+(`_forward_side_by_side`).
 The frozen W is a `FrozenWeight`: 16-bit (`DenseWeight`), NF4/FP4 (`NF4Weight`, dequantized by
 fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * SCB / 127). A 4-bit or
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
@@ -355,6 +357,87 @@ def _backward_group(dys, get_x, xa_all, a_all, b_scaled, bases, As, Bs, scales, 
     return dAs, dBs, dx
 
 
+def _block_diagonal_b(Bs, scales, widths, ranks, dtype) -> torch.Tensor:
+    """[s_0 B_0, 0; 0, s_1 B_1; ...] (sum N_i, R) in `dtype`: rows per projection, columns per LoRA (a projection
+    without LoRA has zero rows and no columns)."""
+    def make():
+        out = torch.zeros(sum(widths), sum(ranks), dtype=dtype, device=next(b for b in Bs if b is not None).device)
+        row = col = 0
+        for B, scale, n, r in zip(Bs, scales, widths, ranks):
+            if B is not None:
+                torch.mul(B, scale, out=out[row:row + n, col:col + r])
+                col += r
+            row += n
+        return out
+    sources = tuple(b for b in Bs if b is not None)
+    return _memoized(("B block-diagonal", tuple(id(b) for b in sources), tuple(scales), dtype), sources, make)
+
+
+def _forward_side_by_side(x2, bases, As, Bs, scales, dtype):
+    """The projections of x2 (M, K) written side by side into one (M, sum N_i) tensor (gate | up; Phi-3's one
+    gate_up), their LoRA terms added by one GEMM through the block-diagonal s B (fewer, larger skinny GEMMs than
+    one per projection, here and in backward). Returns (y_all, xa_all or None, A_all or None, B_bd or None)."""
+    widths = [base.shape[0] for base in bases]
+    y_all = torch.empty(x2.shape[0], sum(widths), dtype=dtype, device=x2.device)
+    offset = 0
+    for base, n in zip(bases, widths):
+        w = base.materialize(dtype)
+        out = y_all[:, offset:offset + n]          # row stride sum N_i: cuBLAS writes it in place
+        if base.bias is None:
+            torch.mm(x2, w.T, out=out)
+        else:
+            torch.addmm(base.bias.to(dtype), x2, w.T, out=out)
+        offset += n
+    with_lora = [i for i, a in enumerate(As) if a is not None]
+    if not with_lora:
+        return y_all, None, None, None
+    a_all = _stacked_a([As[i] for i in with_lora], dtype)
+    xa_all = _lora_input_product(x2, a_all, [As[i] for i in with_lora], x2.shape[0])
+    ranks = [0 if a is None else a.shape[0] for a in As]
+    b_bd = _block_diagonal_b(Bs, scales, widths, ranks, dtype)
+    y_all.addmm_(xa_all, b_bd.T)
+    return y_all, xa_all, a_all, b_bd
+
+
+def _backward_side_by_side(d_all, x2, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b):
+    """(dAs, dBs, dx) of `_forward_side_by_side` from d_all (M, sum N_i), the gradient of y_all."""
+    n = len(bases)
+    dAs, dBs, dx = [None] * n, [None] * n, None
+    widths = [base.shape[0] for base in bases]
+    with_lora = [i for i in range(n) if As[i] is not None]
+    dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None      # (M, R): s_i dy_i B_i per column block
+    if with_lora and any(need_a):
+        da_all = (dyb.T @ x2).to(As[with_lora[0]].dtype)                         # (R, K)
+        col = 0
+        for i in with_lora:
+            r = As[i].shape[0]
+            if need_a[i]:
+                da = da_all[col:col + r]
+                dAs[i] = da if da.dtype == As[i].dtype else da.to(As[i].dtype)
+            col += r
+    if with_lora and any(need_b):
+        db_all = d_all.T @ xa_all                                                  # (sum N_i, R): blocks on its diagonal
+        row = col = 0
+        for i in range(n):
+            if As[i] is not None:
+                r = As[i].shape[0]
+                if need_b[i]:
+                    db = db_all[row:row + widths[i], col:col + r]
+                    dBs[i] = torch.mul(db, scales[i], out=torch.empty(db.shape, dtype=Bs[i].dtype, device=db.device))
+                col += r
+            row += widths[i]
+    if need_dx:
+        row = 0
+        for base, width in zip(bases, widths):
+            w = base.materialize(dtype)
+            part = d_all[:, row:row + width]
+            dx = part @ w if dx is None else dx.addmm_(part, w)
+            row += width
+        if dyb is not None:
+            dx.addmm_(dyb, a_all)
+    return dAs, dBs, dx
+
+
 def _pairs(adapters, n):
     """(As, Bs) lists from the flat A0, B0, A1, B1, ... inputs."""
     return [adapters[2 * i] for i in range(n)], [adapters[2 * i + 1] for i in range(n)]
@@ -427,9 +510,8 @@ class _MLPFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, n_in + 1)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xa_all, a_all, b_scaled = _forward_group(x2, x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in],
-                                                           dtype)
-            gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
+            y_in, xa_all, a_all, b_bd = _forward_side_by_side(x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+            gate, up = y_in.chunk(2, dim=-1)
             # Skipping the output, h is needed only for h A_down^T, which the recomputation finds in the memo.
             h = (lambda: activation_forward(gate, up, activation)) if skip_output else \
                 activation_forward(gate, up, activation)
@@ -437,7 +519,7 @@ class _MLPFn(torch.autograd.Function):
                                                          dtype, skip_outputs=skip_output)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
-        ctx.save_for_backward(x2, *outs, xa_all, a_all, *b_scaled, ha, a_down, b_down, *adapters)
+        ctx.save_for_backward(x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *adapters)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -447,16 +529,14 @@ class _MLPFn(torch.autograd.Function):
                                "(in-place, to save memory); it cannot be backpropagated twice (retain_graph=True).")
         ctx.used = True
         n_in = len(ctx.in_bases)
-        x2, *rest = ctx.saved_tensors
-        outs, (xa_all, a_all), rest = rest[:n_in], rest[n_in:n_in + 2], rest[n_in + 2:]
-        b_in, (ha, a_down, b_down), rest = rest[:n_in], rest[n_in:n_in + 3], rest[n_in + 3:]
+        x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *rest = ctx.saved_tensors
         As, Bs = _pairs(rest, n_in + 1)
         need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
         need_a = [need[7 + 2 * i] for i in range(n_in + 1)]
         need_b = [need[8 + 2 * i] for i in range(n_in + 1)]
         need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
         with torch.autocast(x2.device.type, enabled=False):
-            gate, up = outs if n_in == 2 else outs[0].chunk(2, dim=-1)
+            gate, up = y_in.chunk(2, dim=-1)
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
             # activation backward below overwrites them).
@@ -467,9 +547,10 @@ class _MLPFn(torch.autograd.Function):
             if need_dh:
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
                 del dh
-                d_outs = [dgate, dup] if n_in == 2 else (outs if ctx.inplace else [torch.cat([dgate, dup], dim=-1)])
-                dAs, dBs, dx = _backward_group(d_outs, lambda: x2, xa_all, a_all, b_in, ctx.in_bases, As[:n_in],
-                                               Bs[:n_in], scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
+                d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
+                dAs, dBs, dx = _backward_side_by_side(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in],
+                                                      Bs[:n_in], scales[:n_in], dtype, need[0], need_a[:n_in],
+                                                      need_b[:n_in])
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, None, *grads)
