@@ -394,8 +394,8 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, tiny_checkpoint, mo
     batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
     from fastlm.kernels import lora as lora_op
     skips, forward_group = [], lora_op._forward_group
-    monkeypatch.setattr(lora_op, "_forward_group", lambda *a, skip_outputs=False: (
-        skips.append(skip_outputs), forward_group(*a, skip_outputs=skip_outputs))[1])
+    monkeypatch.setattr(lora_op, "_forward_group", lambda *a, skip_outputs=False, **kw: (
+        skips.append(skip_outputs), forward_group(*a, skip_outputs=skip_outputs, **kw))[1])
     activations, activation_forward = [], lora_op.activation_forward
     monkeypatch.setattr(lora_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
     offloaded = _loss_and_grads(model.train(), batch)[:2]

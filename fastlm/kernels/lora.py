@@ -10,7 +10,8 @@ The projections of one input (q, k, v; gate, up) stack their A matrices so that 
 dx are one GEMM each for the whole group; B is kept pre-scaled (s B) in the compute dtype (see
 `_forward_group`, `reuse_casts`). The MLP's gate and up are written side by side into one (M, 2I) tensor, so
 their LoRA terms, (dy B) and dB are one GEMM each too, through the block-diagonal [s_g B_g, 0; 0, s_u B_u]
-(`_forward_side_by_side`).
+(`_forward_group`, `_backward_group`); q, k and v stay separate tensors, their gradients are put side by side
+for the backward.
 The frozen W is a `FrozenWeight`: 16-bit (`DenseWeight`), NF4/FP4 (`NF4Weight`, dequantized by
 fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * SCB / 127). A 4-bit or
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
@@ -278,89 +279,13 @@ def _stacked_a(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return _memoized(("A", tuple(id(a) for a in As), dtype), tuple(As), make)
 
 
-def _scaled_b(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """s * B (N, r) in `dtype`: product in B's precision, one rounding to `dtype`."""
-    def make():
-        if scale == 1.0:
-            return B.to(dtype)
-        return torch.mul(B, scale, out=torch.empty(B.shape, dtype=dtype, device=B.device))
-    return _memoized(("B", id(B), scale, dtype), (B,), make)
-
-
-def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dtype, skip_outputs=False):
-    """y_i = x W_i^T (+ b_i) + (x A_i^T) B_i'^T for every projection of x (M, K).
-
-    x_source: x, or a function returning it (with skip_outputs, called only when x A^T is not in the memo);
-    rows_like: any tensor with x's M rows, on x's device (x itself, or the MLP's input for its hidden state).
-    Returns (ys, xa_all (M, R) or None, A_all (R, K) or None, Bs' (list, None where no LoRA)). skip_outputs:
-    the ys are left uncomputed (torch.empty): only what backward saves (xa_all and the casts) is made."""
-    with_lora = [i for i, a in enumerate(As) if a is not None]
-    a_all = _stacked_a([As[i] for i in with_lora], dtype) if with_lora else None
-    m = rows_like.shape[0]
-    xa_all = _lora_input_product(x_source, a_all, [As[i] for i in with_lora], m) if with_lora else None
-    b_scaled = [None if As[i] is None else _scaled_b(Bs[i], scales[i], dtype) for i in range(len(bases))]
-    if skip_outputs:
-        outs = [torch.empty(m, base.shape[0], dtype=dtype, device=rows_like.device) for base in bases]
-        return outs, xa_all, a_all, b_scaled
-    x2 = x_source() if callable(x_source) else x_source
-    ys, offset = [], 0
-    for i, base in enumerate(bases):
-        w = base.materialize(dtype)
-        y = x2 @ w.T if base.bias is None else torch.addmm(base.bias.to(dtype), x2, w.T)
-        if b_scaled[i] is not None:
-            r = As[i].shape[0]
-            y.addmm_(xa_all[:, offset:offset + r], b_scaled[i].T)
-            offset += r
-        ys.append(y)
-    return ys, xa_all, a_all, b_scaled
-
-
-def _backward_group(dys, get_x, xa_all, a_all, b_scaled, bases, As, Bs, scales, dtype, need_dx, need_a, need_b,
-                    dx=None):
-    """(dAs, dBs, dx) for the projections of `_forward_group`: LoRA gradients in A's/B's dtype (None where not
-    needed), dx (M, K) accumulated into `dx`. get_x() gives the input (M, K); called only when some dA is needed."""
-    n = len(bases)
-    dAs, dBs = [None] * n, [None] * n
-    with_lora = [i for i in range(n) if As[i] is not None]
-    m = dys[0].shape[0]
-    dyb_t = None
-    if with_lora and (need_dx or any(need_a[i] for i in with_lora)):
-        dyb_t = torch.empty(a_all.shape[0], m, dtype=dtype, device=dys[0].device)   # (R, M): rows per projection
-        offset = 0
-        for i in with_lora:
-            r = As[i].shape[0]
-            torch.mm(b_scaled[i].T, dys[i].T, out=dyb_t[offset:offset + r])           # (s_i dy_i B_i)^T
-            offset += r
-    if any(need_a[i] for i in with_lora):
-        da_all = (dyb_t @ get_x()).to(As[with_lora[0]].dtype)                         # (R, K)
-        offset = 0
-        for i in with_lora:
-            r = As[i].shape[0]
-            if need_a[i]:
-                da = da_all[offset:offset + r]
-                dAs[i] = da if da.dtype == As[i].dtype else da.to(As[i].dtype)
-            offset += r
-    offset = 0
-    for i in with_lora:
-        r = As[i].shape[0]
-        if need_b[i]:
-            db = dys[i].T @ xa_all[:, offset:offset + r]                                # (N, r)
-            dBs[i] = db.to(Bs[i].dtype) if scales[i] == 1.0 else torch.mul(
-                db, scales[i], out=torch.empty(db.shape, dtype=Bs[i].dtype, device=db.device))
-        offset += r
-    if need_dx:
-        for i, base in enumerate(bases):
-            w = base.materialize(dtype)
-            dx = dys[i] @ w if dx is None else dx.addmm_(dys[i], w)
-        if dyb_t is not None:
-            dx.addmm_(dyb_t.T, a_all)
-    return dAs, dBs, dx
-
-
 def _block_diagonal_b(Bs, scales, widths, ranks, dtype) -> torch.Tensor:
     """[s_0 B_0, 0; 0, s_1 B_1; ...] (sum N_i, R) in `dtype`: rows per projection, columns per LoRA (a projection
-    without LoRA has zero rows and no columns)."""
+    without LoRA has zero rows and no columns). Products in B's precision, one rounding to `dtype`."""
     def make():
+        if len(Bs) == 1:
+            return Bs[0].to(dtype) if scales[0] == 1.0 else torch.mul(
+                Bs[0], scales[0], out=torch.empty(Bs[0].shape, dtype=dtype, device=Bs[0].device))
         out = torch.zeros(sum(widths), sum(ranks), dtype=dtype, device=next(b for b in Bs if b is not None).device)
         row = col = 0
         for B, scale, n, r in zip(Bs, scales, widths, ranks):
@@ -370,43 +295,65 @@ def _block_diagonal_b(Bs, scales, widths, ranks, dtype) -> torch.Tensor:
             row += n
         return out
     sources = tuple(b for b in Bs if b is not None)
-    return _memoized(("B block-diagonal", tuple(id(b) for b in sources), tuple(scales), dtype), sources, make)
+    return _memoized(("B", tuple(id(b) for b in sources), tuple(scales), dtype), sources, make)
 
 
-def _forward_side_by_side(x2, bases, As, Bs, scales, dtype):
-    """The projections of x2 (M, K) written side by side into one (M, sum N_i) tensor (gate | up; Phi-3's one
-    gate_up), their LoRA terms added by one GEMM through the block-diagonal s B (fewer, larger skinny GEMMs than
-    one per projection, here and in backward). Returns (y_all, xa_all or None, A_all or None, B_bd or None)."""
-    widths = [base.shape[0] for base in bases]
-    y_all = torch.empty(x2.shape[0], sum(widths), dtype=dtype, device=x2.device)
-    offset = 0
-    for base, n in zip(bases, widths):
-        w = base.materialize(dtype)
-        out = y_all[:, offset:offset + n]          # row stride sum N_i: cuBLAS writes it in place
-        if base.bias is None:
-            torch.mm(x2, w.T, out=out)
-        else:
-            torch.addmm(base.bias.to(dtype), x2, w.T, out=out)
-        offset += n
+def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dtype, side_by_side=False,
+                   skip_outputs=False):
+    """y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T for every projection of x (M, K) with its LoRA (A_i or None).
+
+    x_source: x, or a function returning it (with skip_outputs, called only when x A^T is not in the memo);
+    rows_like: any tensor with x's M rows, on x's device (x itself, or the MLP's input for its hidden state).
+    side_by_side: write the projections into one (M, sum N_i) tensor (gate | up) and add their LoRA terms with
+        one GEMM through the block-diagonal s B; else one tensor per projection (q, k, v), each LoRA term added
+        from its block. skip_outputs: leave the outputs unset (torch.empty): only what backward saves is made.
+    Returns (ys: the (M, sum N_i) tensor or the list of (M, N_i) tensors, xa_all (M, R) or None, A_all (R, K) or
+    None, B_bd (sum N_i, R) or None)."""
+    m, widths = rows_like.shape[0], [base.shape[0] for base in bases]
     with_lora = [i for i, a in enumerate(As) if a is not None]
-    if not with_lora:
-        return y_all, None, None, None
-    a_all = _stacked_a([As[i] for i in with_lora], dtype)
-    xa_all = _lora_input_product(x2, a_all, [As[i] for i in with_lora], x2.shape[0])
-    ranks = [0 if a is None else a.shape[0] for a in As]
-    b_bd = _block_diagonal_b(Bs, scales, widths, ranks, dtype)
-    y_all.addmm_(xa_all, b_bd.T)
-    return y_all, xa_all, a_all, b_bd
+    a_all = xa_all = b_bd = None
+    if with_lora:
+        a_all = _stacked_a([As[i] for i in with_lora], dtype)
+        xa_all = _lora_input_product(x_source, a_all, [As[i] for i in with_lora], m)
+        b_bd = _block_diagonal_b(Bs, scales, widths, [0 if a is None else a.shape[0] for a in As], dtype)
+    if skip_outputs:
+        shapes = [(m, sum(widths))] if side_by_side else [(m, n) for n in widths]
+        outs = [torch.empty(shape, dtype=dtype, device=rows_like.device) for shape in shapes]
+        return (outs[0] if side_by_side else outs), xa_all, a_all, b_bd
+    x2 = x_source() if callable(x_source) else x_source
+    y_all = torch.empty(m, sum(widths), dtype=dtype, device=x2.device) if side_by_side else None
+    ys, row, col = [], 0, 0
+    for i, (base, n) in enumerate(zip(bases, widths)):
+        w = base.materialize(dtype)
+        out = None if y_all is None else y_all[:, row:row + n]   # row stride sum N_i: cuBLAS writes it in place
+        if base.bias is None:
+            y = torch.mm(x2, w.T, out=out) if out is not None else x2 @ w.T
+        else:
+            y = torch.addmm(base.bias.to(dtype), x2, w.T, **({} if out is None else {"out": out}))
+        if As[i] is not None and not side_by_side:
+            r = As[i].shape[0]
+            y.addmm_(xa_all[:, col:col + r], b_bd[row:row + n, col:col + r].T)
+            col += r
+        ys.append(y)
+        row += n
+    if side_by_side and with_lora:
+        y_all.addmm_(xa_all, b_bd.T)
+    return (y_all if side_by_side else ys), xa_all, a_all, b_bd
 
 
-def _backward_side_by_side(d_all, x2, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b):
-    """(dAs, dBs, dx) of `_forward_side_by_side` from d_all (M, sum N_i), the gradient of y_all."""
+def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b):
+    """(dAs, dBs, dx) of `_forward_group` from d_all (M, sum N_i), the gradient of its outputs side by side.
+
+    One GEMM each for (dy B) (M, R), dA (R, K), dB (sum N_i, R; the blocks on its diagonal are the dB_i) and the
+    LoRA term of dx; one per projection for its base. LoRA gradients come in A's/B's dtype (None where not
+    needed); x_source() is called only when some dA is needed."""
     n = len(bases)
     dAs, dBs, dx = [None] * n, [None] * n, None
     widths = [base.shape[0] for base in bases]
     with_lora = [i for i in range(n) if As[i] is not None]
     dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None      # (M, R): s_i dy_i B_i per column block
     if with_lora and any(need_a):
+        x2 = x_source() if callable(x_source) else x_source
         da_all = (dyb.T @ x2).to(As[with_lora[0]].dtype)                         # (R, K)
         col = 0
         for i in with_lora:
@@ -416,7 +363,7 @@ def _backward_side_by_side(d_all, x2, xa_all, a_all, b_bd, bases, As, Bs, scales
                 dAs[i] = da if da.dtype == As[i].dtype else da.to(As[i].dtype)
             col += r
     if with_lora and any(need_b):
-        db_all = d_all.T @ xa_all                                                  # (sum N_i, R): blocks on its diagonal
+        db_all = d_all.T @ xa_all                                                  # (sum N_i, R)
         row = col = 0
         for i in range(n):
             if As[i] is not None:
@@ -453,21 +400,24 @@ class _ProjectionsFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, len(bases))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            ys, xa_all, a_all, b_scaled = _forward_group(x2, x2, bases, As, Bs, scales, dtype)
+            ys, xa_all, a_all, b_bd = _forward_group(x2, x2, bases, As, Bs, scales, dtype)
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scales, dtype, x.shape, x.dtype
-        ctx.save_for_backward(x2, xa_all, a_all, *b_scaled, *adapters)   # None where there is no LoRA
+        ctx.save_for_backward(x2, xa_all, a_all, b_bd, *adapters)   # None where there is no LoRA
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
         n = len(ctx.bases)
-        x2, xa_all, a_all, *rest = ctx.saved_tensors
-        b_scaled, (As, Bs) = rest[:n], _pairs(rest[n:], n)
+        x2, xa_all, a_all, b_bd, *adapters = ctx.saved_tensors
+        As, Bs = _pairs(adapters, n)
         need = ctx.needs_input_grad
         with torch.autocast(x2.device.type, enabled=False):
             dys2 = [dy.reshape(-1, dy.shape[-1]).to(ctx.dtype) for dy in dys]
-            dAs, dBs, dx = _backward_group(dys2, lambda: x2, xa_all, a_all, b_scaled, ctx.bases, As, Bs, ctx.scales,
-                                           ctx.dtype, need[0], [need[3 + 2 * i] for i in range(n)],
+            # Side by side (one copy of the q/k/v gradients): (dy B), dA, dB and dx's LoRA term are then one
+            # GEMM each for the group instead of one per projection.
+            d_all = dys2[0] if n == 1 else torch.cat(dys2, dim=1)
+            dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.bases, As, Bs, ctx.scales, ctx.dtype,
+                                           need[0], [need[3 + 2 * i] for i in range(n)],
                                            [need[4 + 2 * i] for i in range(n)])
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
@@ -510,12 +460,13 @@ class _MLPFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, n_in + 1)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            y_in, xa_all, a_all, b_bd = _forward_side_by_side(x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+            y_in, xa_all, a_all, b_bd = _forward_group(x2, x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype,
+                                                       side_by_side=True)
             gate, up = y_in.chunk(2, dim=-1)
             # Skipping the output, h is needed only for h A_down^T, which the recomputation finds in the memo.
             h = (lambda: activation_forward(gate, up, activation)) if skip_output else \
                 activation_forward(gate, up, activation)
-            (y,), ha, a_down, (b_down,) = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:],
+            (y,), ha, a_down, b_down = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:],
                                                          dtype, skip_outputs=skip_output)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
@@ -541,16 +492,15 @@ class _MLPFn(torch.autograd.Function):
             # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
             # activation backward below overwrites them).
             (dA_down,), (dB_down,), dh = _backward_group(
-                [dy2], lambda: activation_forward(gate, up, ctx.activation), ha, a_down, [b_down], [ctx.down_base],
+                dy2, lambda: activation_forward(gate, up, ctx.activation), ha, a_down, b_down, [ctx.down_base],
                 As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:])
             dAs, dBs, dx = [None] * n_in, [None] * n_in, None
             if need_dh:
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
                 del dh
                 d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
-                dAs, dBs, dx = _backward_side_by_side(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in],
-                                                      Bs[:n_in], scales[:n_in], dtype, need[0], need_a[:n_in],
-                                                      need_b[:n_in])
+                dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in], Bs[:n_in],
+                                               scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, None, *grads)

@@ -218,9 +218,9 @@ def test_mlp_bf16_gpu(n_in):
 
 
 def test_reuse_casts_shares_one_copy_per_memo(device):
-    """Inside reuse_casts(memo) the compute-dtype copies of A (stacked) and s * B, and the product x A^T, are made
-    by the forward pass; the recomputation (recomputing=True) takes them again instead of making new ones. Outside
-    any memo nothing is kept. Results are identical either way."""
+    """Inside reuse_casts(memo) the compute-dtype copies of A (stacked) and s * B (block-diagonal), and the product
+    x A^T, are made by the forward pass; the recomputation (recomputing=True) takes them again instead of making
+    new ones. Outside any memo nothing is kept. Results are identical either way."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 32, generator=gen).to(device)
     bases = [_dense(24, 32, torch.float32, device, gen=gen) for _ in range(3)]
@@ -230,7 +230,7 @@ def test_reuse_casts_shares_one_copy_per_memo(device):
     with op.reuse_casts(memo):
         first = op.lora_projections(x, bases, loras)
     made = {k: v[1] for k, v in memo.items() if isinstance(k, tuple)}
-    assert sorted(k[0] for k in made) == ["A", "B", "B", "B", "xa"]  # stacked A, s * B per projection, x A^T
+    assert sorted(k[0] for k in made) == ["A", "B", "xa"]  # stacked A, block-diagonal s * B, x A^T
     with op.reuse_casts(memo, recomputing=True):
         again = op.lora_projections(x, bases, loras)
     assert all(memo[k][1] is v for k, v in made.items())            # the recomputation made no new copy
