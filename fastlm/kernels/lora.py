@@ -295,7 +295,7 @@ def _block_diagonal_b(Bs, scales, widths, ranks, dtype) -> torch.Tensor:
             row += n
         return out
     sources = tuple(b for b in Bs if b is not None)
-    return _memoized(("B", tuple(id(b) for b in sources), tuple(scales), dtype), sources, make)
+    return _memoized(("B", tuple(id(b) for b in sources), tuple(scales), tuple(widths), dtype), sources, make)
 
 
 def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dtype, side_by_side=False,
