@@ -466,8 +466,8 @@ class _MLPFn(torch.autograd.Function):
             # Skipping the output, h is needed only for h A_down^T, which the recomputation finds in the memo.
             h = (lambda: activation_forward(gate, up, activation)) if skip_output else \
                 activation_forward(gate, up, activation)
-            (y,), ha, a_down, b_down = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:],
-                                                         dtype, skip_outputs=skip_output)
+            (y,), ha, a_down, b_down = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype,
+                                                      skip_outputs=skip_output)
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
         ctx.save_for_backward(x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *adapters)
@@ -529,7 +529,8 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
     if len(in_bases) not in (1, 2) or len(in_loras) != len(in_bases):
         raise ValueError("in_bases must be [gate, up] or [gate_up], with one LoRA (or None) each")
     width = sum(b.shape[0] for b in in_bases)
-    if width % 2 or down_base.shape[1] != width // 2 or any(b.shape[1] != x.shape[-1] for b in in_bases):
+    if width % 2 or down_base.shape[1] != width // 2 or any(b.shape[1] != x.shape[-1] for b in in_bases) or \
+            len({b.shape[0] for b in in_bases}) != 1:
         raise ValueError(f"MLP shapes do not fit: x (..., {x.shape[-1]}), in {[b.shape for b in in_bases]}, "
                          f"down {down_base.shape}")
     loras = list(in_loras) + [down_lora]

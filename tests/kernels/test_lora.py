@@ -187,6 +187,9 @@ def test_bad_shapes_raise(device):
         op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 8, torch.float32, device), None, "relu")
     with pytest.raises(ValueError, match="MLP shapes"):
         op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 9, torch.float32, device), None, "silu")
+    with pytest.raises(ValueError, match="MLP shapes"):  # gate and up of other widths (their sum would fit)
+        op.lora_mlp(torch.randn(2, 16), [_dense(6, 16, torch.float32, device), _dense(10, 16, torch.float32, device)],
+                    [None, None], _dense(16, 8, torch.float32, device), None, "silu")
 
 
 @pytest.mark.gpu
