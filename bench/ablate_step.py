@@ -7,7 +7,7 @@ Loads the bench/train_step.py model once with fastlm, then times (3 warm-up + N 
 (kernel launches, GPU kernel time, busy share) each setting in turn:
     all           as shipped
     no-skip       the recomputation computes the MLP's down projection again
-    no-memo       LoRA casts made at every call (no per-layer memo)
+    no-memo       LoRA casts made at every call (the memo of casts off; the reuse of x A^T products stays)
     ckpt-true     torch's non-reentrant checkpoint instead of the offloaded one
     no-ckpt       no gradient checkpointing
     gc-frozen     as shipped, after gc.freeze() (Python's cyclic collector no longer walks the loaded objects)
