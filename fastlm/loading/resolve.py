@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,13 +126,12 @@ def _cached_commit_snapshot(repo_id: str, revision: Optional[str]) -> Optional[s
     """The cached snapshot folder of `repo_id` at a full commit hash, when it holds a config.json.
 
     Some huggingface_hub releases (1.33 among them) refuse an offline snapshot_download at a commit hash even
-    when that snapshot is in the cache; the cache layout (models--org--name/snapshots/<commit>) is stable."""
-    import re
-
+    when that snapshot is in the cache; huggingface_hub's own cache lookup finds it."""
+    import huggingface_hub
     import huggingface_hub.constants
 
     if not revision or not re.fullmatch(r"[0-9a-f]{40}", revision):
         return None
-    folder = os.path.join(huggingface_hub.constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"),
-                          "snapshots", revision)
-    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+    config = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision,
+                                                    cache_dir=huggingface_hub.constants.HF_HUB_CACHE)
+    return os.path.dirname(config) if isinstance(config, str) else None
