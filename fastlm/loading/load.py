@@ -111,12 +111,11 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         set_gradient_checkpointing(model, use_gradient_checkpointing)
     if adapter_dir is not None:
         from peft import PeftModel
-        from fastlm.training.lora import prepare_for_adapters
+        from fastlm.training.lora import install_fused_lora_if_wanted, prepare_for_adapters
         prepare_for_adapters(model, use_gradient_checkpointing)
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        if spec is not None and fast_path_wanted(model.get_base_model()):  # as get_peft_model does
-            from fastlm.training.fused_lora import install_fused_lora
-            install_fused_lora(model, mlp_feeds_residual=spec.mlp_feeds_residual)
+        if spec is not None:  # as get_peft_model does
+            install_fused_lora_if_wanted(model, spec)
     return model, tokenizer
 
 

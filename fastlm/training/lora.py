@@ -175,10 +175,15 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
         _upcast_trained_modules(peft_model, trained_fully)
     peft_model.fastlm_lora_settings = requested
     peft_model.print_trainable_parameters()
-    if fast_path_wanted(base):  # on CUDA by default (FASTLM_FAST_PATH=1/0 forces it), as the rest of the fast path
-        # fused MLP / q,k,v / projections where PEFT's path is not needed
-        install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual)
+    install_fused_lora_if_wanted(peft_model, spec)
     return peft_model
+
+
+def install_fused_lora_if_wanted(peft_model, spec) -> None:
+    """Fused MLP / q,k,v / projections where PEFT's path is not needed, when the fast path is wanted for the base
+    model (on CUDA by default; FASTLM_FAST_PATH=1/0 forces it). spec: the family's ModelSpec, or None."""
+    if fast_path_wanted(peft_model.get_base_model()):
+        install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual)
 
 
 def _upcast_trained_modules(peft_model, names) -> None:
