@@ -222,17 +222,21 @@ def reuse_casts(memo: dict, recomputing: bool = False):
         stack.pop()
 
 
-def _recomputing() -> bool:
+def _active_memo():
+    """(memo, recomputing) of the innermost reuse_casts block on this thread, or (None, False) outside any."""
     stack = getattr(_memo_stack, "memos", None)
-    return bool(stack) and stack[-1][1]
+    return stack[-1] if stack else (None, False)
+
+
+def _recomputing() -> bool:
+    return _active_memo()[1]
 
 
 def _memoized(key, sources, make):
     """make() or the memo's copy of it; `sources` (the tensors it derives from) are kept to pin their ids."""
-    stack = getattr(_memo_stack, "memos", None)
-    if not stack:
+    memo = _active_memo()[0]
+    if memo is None:
         return make()
-    memo = stack[-1][0]
     hit = memo.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
         return hit[1]
@@ -255,10 +259,9 @@ def _lora_input_product(x_source, a_all, As, m: int):
     def make():
         x = x_source() if callable(x_source) else x_source
         return x @ a_all.T
-    stack = getattr(_memo_stack, "memos", None)
-    if not stack:
+    memo, recomputing = _active_memo()
+    if memo is None:
         return make()
-    memo, recomputing = stack[-1]
     group = tuple(id(a) for a in As)
     occurrences = memo.setdefault(_OCCURRENCES, {})
     key = ("xa", group, occurrences.get(group, 0))
