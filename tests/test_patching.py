@@ -197,22 +197,26 @@ def test_lm_head_trained_through_modules_to_save(tiny_checkpoint):
     assert_same_training_signal(*models, _padded_batch())
 
 
+def _adamw_steps(model, batches, steps, lr):
+    """(per-step losses, final trainable weights) after `steps` AdamW steps cycling over `batches`."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_twenty_steps_match_plain_training(tiny_checkpoint, kernels_for):
     """llama 4-bit, AdamW: per-step losses and final LoRA weights agree (checkpointing: the padded-batch test)."""
-    runs = []
-    for model in plain_and_fast(tiny_checkpoint("llama"), "llama", kernels_for("4bit")):
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        batches = [_padded_batch(pad_left=bool(i % 2), length=7 + 2 * i) for i in range(2)]
-        losses = []
-        for step in range(20):
-            loss = model(**batches[step % 2]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (plain_losses, plain_weights), (fast_losses, fast_weights) = runs
+    batches = [_padded_batch(pad_left=bool(i % 2), length=7 + 2 * i) for i in range(2)]
+    (plain_losses, plain_weights), (fast_losses, fast_weights) = [
+        _adamw_steps(model, batches, steps=20, lr=1e-2)
+        for model in plain_and_fast(tiny_checkpoint("llama"), "llama", kernels_for("4bit"))]
     assert plain_losses[-2] < plain_losses[0] and plain_losses[-1] < plain_losses[1], plain_losses
     # fp32 differences of 1e-7 grow through 20 Adam steps (Adam divides by sqrt(v): tiny gradients move
     # weights by ~lr whatever their size); 1e-4 relative still catches any real difference (5e-2 per step).
@@ -321,19 +325,9 @@ def test_smollm2_qlora_steps_match_plain(smollm2_dir, kernels_for):
                       padding=True, return_tensors="pt")
     batch = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
              "labels": batch.input_ids.masked_fill(batch.attention_mask == 0, -100)}
-    runs = []
-    for model in plain_and_fast(smollm2_dir, "llama", kernels_for("16bit", references=True)):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        model.train()
-        losses = []
-        for _ in range(3):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (plain_losses, plain_weights), (fast_losses, fast_weights) = runs
+    (plain_losses, plain_weights), (fast_losses, fast_weights) = [
+        _adamw_steps(model, [batch], steps=3, lr=1e-3)
+        for model in plain_and_fast(smollm2_dir, "llama", kernels_for("16bit", references=True))]
     assert plain_losses[2] < plain_losses[0]
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-5, atol=0)
     for name, expected in plain_weights.items():
