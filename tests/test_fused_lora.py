@@ -243,6 +243,39 @@ def test_disabled_and_merged_adapters_switch_to_peft_at_call_time(tiny_checkpoin
         torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, lora_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_changes_between_calls_reach_the_next_call(tiny_checkpoint):
+    """Each projection keeps its fused-path description with the state it came from (describe_projection): a
+    change a user makes between steps (rescale, switch adapter, unfreeze a base weight) must reach the next call.
+    The same changes on a plain PEFT copy give the expected loss and gradients each time."""
+    import peft
+
+    model = _peft(_load(tiny_checkpoint("llama"), "16bit"), "llama")
+    torch.manual_seed(2)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS))
+    plain = copy.deepcopy(model)
+    install_fused_lora(model, verbose=False)
+    batch = _batch("llama")
+
+    def lora_layers(m):
+        return [layer for layer in m.modules() if isinstance(layer, peft.tuners.lora.LoraLayer)]
+
+    def step_after(change):
+        for m in (model, plain):
+            change(m)
+        expected = _loss_and_grads(plain, batch)[:2]
+        loss, grads, graph = _loss_and_grads(model, batch)
+        _compare_models(expected, (loss, grads))
+        return _fused_nodes(graph)["projections"]
+
+    first = step_after(lambda m: None)
+    assert first > 0
+    assert step_after(lambda m: None) == first  # the kept descriptions
+    assert step_after(lambda m: [layer.scaling.update(default=3.0) for layer in lora_layers(m)]) == first
+    assert step_after(lambda m: m.base_model.set_adapter("other")) == first
+    unfreeze = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert step_after(lambda m: m.get_parameter(unfreeze).requires_grad_(True)) == first - 1
+
+
 def test_adapter_save_and_load_unchanged(tiny_checkpoint, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file

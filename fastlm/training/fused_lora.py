@@ -35,6 +35,7 @@ PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_pr
                     "down_proj")
 _MARK = "_fastlm_fused_lora"          # set on every module whose forward we own
 _PREVIOUS = "_fastlm_previous_forward"  # the forward it had before (PEFT's, or another fastlm patch)
+_DESCRIBED = "_fastlm_described"        # (state key, describe_projection's answer) kept on each projection
 
 
 def _bnb_classes():
@@ -70,7 +71,49 @@ def frozen_weight(layer):
 
 
 def describe_projection(module):
-    """(base FrozenWeight, LoRA or None, None) when `module` can take the fused path, else (None, None, reason)."""
+    """(base FrozenWeight, LoRA or None, None) when `module` can take the fused path, else (None, None, reason).
+
+    Called for every projection at every forward and recomputation (448 calls per Llama-3.1-8B step), so the
+    answer is kept on the module with the state it was derived from (_state_key) and derived again only when
+    that state changed: an adapter switched, merged, disabled, rescaled or replaced, a base weight replaced or
+    unfrozen."""
+    key = _state_key(module)
+    cached = module.__dict__.get(_DESCRIBED)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    described = _describe_projection(module)
+    module.__dict__[_DESCRIBED] = (key, described)
+    return described
+
+
+def _state_key(module) -> tuple:
+    """What describe_projection's answer depends on and what can change after installing, read from the modules'
+    own dicts (torch.nn.Module.__getattr__ and PEFT's get_base_layer cost microseconds each): identities of the
+    base layer, its weight (and the weight's storage and 4-bit quant_state: module.to() swaps them under the same
+    Parameter) and bias, and of the active adapter's A, B and dropout modules; requires_grad of the base weight
+    and bias; the active adapters, merged adapters, the disabled flag, the scale and the dropout
+    probability. Identity alone would not do for the flags and values, which PEFT changes in place."""
+    modules = module.__dict__.get("_modules", {})
+    base = module
+    while "base_layer" in base.__dict__.get("_modules", {}):  # PEFT's get_base_layer, through the dicts
+        base = base.__dict__["_modules"]["base_layer"]
+    params = base.__dict__.get("_parameters", {})
+    weight, bias = params.get("weight"), params.get("bias")
+    key = (id(base), id(weight), weight is not None and weight.data_ptr(), id(getattr(weight, "quant_state", None)),
+           weight is not None and weight.requires_grad, id(bias), bias is not None and bias.requires_grad)
+    if "lora_A" not in modules:
+        return key
+    actives = tuple(module.active_adapters)
+    dropouts = tuple(modules["lora_dropout"]._modules.get(a) for a in actives)
+    return key + (actives, tuple(module.merged_adapters), module.disable_adapters,
+                  tuple(module.scaling.get(a) for a in actives), tuple(getattr(d, "p", None) for d in dropouts),
+                  tuple(id(d) for d in dropouts),
+                  tuple(id(modules["lora_A"]._modules.get(a)) for a in actives),
+                  tuple(id(modules["lora_B"]._modules.get(a)) for a in actives))
+
+
+def _describe_projection(module):
+    """describe_projection's answer, derived from the modules."""
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(module, LoraLayer):
