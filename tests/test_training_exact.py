@@ -154,3 +154,29 @@ def test_data_parallel_ranks_count_tokens_together(llama, tmp_path, reference_st
     name = next(iter(grads))
     assert not torch.allclose(grads[name], reference_step[1][name], rtol=1e-3,
                               atol=1e-3 * reference_step[1][name].abs().max())
+
+
+@pytest.mark.gpu
+def test_fp16_mixed_precision_on_gpu(llama, tmp_path, reference_step):
+    """An fp16 model (what fastlm loads on GPUs without bf16): mixed_precision picks the Trainer's fp16 (autocast and
+    gradient scaler) over the fp32 adapters; batch 2 x accumulation 4 gives the fp32 step's loss and the adapters
+    move (3 steps: the scaler skips the steps whose scaled gradients overflow, as it may the first). Tolerance: fp16 keeps 11 significant bits (relative 4.9e-4 per rounding of the weights and of each
+    matmul's inputs); on this tiny model the loss moves by ~1e-3 relative, so 1e-2 holds it, while a loss left
+    scaled by the gradient scaler or a per-micro-batch mean would be off by 10% or more."""
+    from fastlm.training.trainer import mixed_precision
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64,
+                                                         dtype=torch.float16)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
+    precision = mixed_precision(model)
+    assert precision == {"fp16": True}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = training_arguments(str(tmp_path / "fp16"), batch_size=2, gradient_accumulation_steps=4,
+                              learning_rate=1e-3, max_steps=3, precision=precision)
+    trainer = build_trainer(model, tokenizer, _examples(model.config.vocab_size), Collator(tokenizer.pad_token_id),
+                            args)
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "fp16"
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    assert loss == pytest.approx(reference_step[0], rel=1e-2)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)

@@ -7,9 +7,19 @@ from fastlm import FastLanguageModel
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+pyarrow = pytest.importorskip("pyarrow")
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _dataset(kind: str):
+    """The rows of _rows(kind) as a datasets.Dataset. The fingerprint is given: datasets' own pickles the Arrow
+    table, which fails on the H200 image (Python 3.12 with pyarrow 26's wheel: "Can't pickle <class
+    'MonthDayNano'>") before any fastlm code runs; the fingerprint only names the dataset in datasets' cache."""
+    from datasets.table import InMemoryTable
+    table = InMemoryTable(pyarrow.Table.from_pylist(_rows(kind)))
+    return datasets.Dataset(table, fingerprint=f"fastlm-test-trl-{kind}")
 
 
 def _rows(kind: str) -> list:
@@ -34,7 +44,7 @@ def test_sft_trainer_trains_a_fastlm_model(tiny_checkpoint, tmp_path, kind, bf16
                          max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                          max_length=64, disable_tqdm=True, bf16=bf16,
                          use_cpu=bf16 and not torch.cuda.is_available())  # bf16 on a CPU needs it said
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows(kind)),
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(kind),
                              processing_class=tokenizer)
     trainer.train()
     assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
@@ -56,7 +66,7 @@ def test_sft_trainer_fp16_on_gpu(tiny_checkpoint, tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                          max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                          max_length=64, disable_tqdm=True, fp16=True)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_rows("text")),
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("text"),
                              processing_class=tokenizer)
     trainer.train()
     assert trainer.accelerator.mixed_precision == "fp16"
