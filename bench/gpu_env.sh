@@ -1,6 +1,7 @@
 # Sourced by the bench/gpu_*.sh scripts on the device machine: the carried packages (.device/site.tgz, made by
-# ../shared/device/pack.sh) on PYTHONPATH, RES for logs and JSON (the scripts pack it into $OUT/results.tgz: the
-# device tool returns at most 8 files), and the GPU's name, clocks and library versions in $RES/gpu.txt.
+# bench/pack_device.sh; carry [".device/site.tgz"]) on PYTHONPATH, RES for logs and JSON (the scripts pack it
+# into $OUT/results.tgz: the device tool returns at most 8 files), and the GPU's name, clocks and library
+# versions in $RES/gpu.txt.
 set -u
 mkdir -p /tmp/site && tar xzf .device/site.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -8,9 +8,11 @@ checkpointing, bf16 autocast. Reports tokens/s, ms/step, MFU (flops_per_token at
 peak allocated/reserved GiB during training (loading's own peak apart), loss at step 0 and at the last step.
 """
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import sys
 import time
 
@@ -81,7 +83,7 @@ def load(variant: str, path: str, fast: bool):
     return peft.get_peft_model(model, config)
 
 
-def run_variant(variant, path, fast, batch, seq, steps, seed=0):
+def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -95,7 +97,10 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     losses, times = [], []
+    profiler = cProfile.Profile() if cprofile_to else None
     for step in range(3 + steps):
+        if profiler is not None and step == 3:
+            profiler.enable()  # the timed steps only: where the host's time goes
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -106,6 +111,11 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    if profiler is not None:
+        profiler.disable()
+        with open(cprofile_to, "w") as f:
+            for key in ("tottime", "cumulative"):
+                pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(60)
     ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
     tokens_per_s = batch * seq / (ms / 1000)
     mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
@@ -130,6 +140,8 @@ def main():
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     path = make_checkpoint(args.shape)
@@ -137,7 +149,10 @@ def main():
     for variant in args.variants.split(","):
         for fast in [impl == "fastlm" for impl in args.impls.split(",")]:
             try:
-                rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps))
+                impl = "fastlm" if fast else "hf"
+                cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
+                rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
+                                        cprofile_to=cprofile_to if args.cprofile else None))
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)
