@@ -7,6 +7,8 @@ a reordered K-term sum moves a result by a few ulps of the largest partial sums,
 max|exact| times a small factor for these random inputs (K <= 200); 16 ulps leaves room for the fp32
 activation kernel's single rounding too.
 """
+import weakref
+
 import pytest
 import torch
 
@@ -147,6 +149,38 @@ def test_mlp_fp32(activation, n_in, with_lora, inplace, device):
     _close(y, ref, exact, torch.float32, "y")
     for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
         _close(g, r, e, torch.float32, f"grad{j}")
+
+
+def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkeypatch):
+    """The down projection's backward recomputes the hidden state h (M, I) for dA_down; h must be freed before dx
+    (another (M, I)) is made: kept alive, it raised Llama-3.2-1B QLoRA's peak by 128 MiB (bench/RESULTS.md run
+    17). Every h is recorded by a weak reference; the down weight checks the newest one when backward asks for it."""
+    made = []
+    activation_forward = op.activation_forward
+
+    def recording(gate, up, activation):
+        h = activation_forward(gate, up, activation)
+        made.append(weakref.ref(h))
+        return h
+
+    class Down(op.DenseWeight):
+        in_backward, h_alive = False, []
+
+        def materialize(self, dtype):
+            if self.in_backward:
+                self.h_alive.append(made[-1]() is not None)
+            return super().materialize(dtype)
+
+    monkeypatch.setattr(op, "activation_forward", recording)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 24, generator=gen).to(device).requires_grad_()
+    in_bases = [_dense(40, 24, torch.float32, device, gen=gen) for _ in range(2)]
+    in_loras = [_lora(40, 24, 4, device, gen) for _ in range(2)]
+    down = Down(_dense(24, 40, torch.float32, device, gen=gen).weight)
+    y = op.lora_mlp(x, in_bases, in_loras, down, _lora(24, 40, 4, device, gen), "silu")
+    down.in_backward = True
+    y.sum().backward()
+    assert len(made) == 2 and down.h_alive == [False]  # h made twice (forward, backward), gone when dx is made
 
 
 def test_mlp_without_triton_matches(device, monkeypatch):
