@@ -1,7 +1,7 @@
 """Host time per call of fastlm's launches on the device machine (the training step is host-bound there:
-bench/RESULTS.md runs 7-12). Run 15 (bench/RESULTS.md): torch.add 7.7 us; rms_norm
-through its public function 32.1 us, of which Triton's JIT launch alone is 14.5 us; NF4 dequant 29.7 us. (A direct CompiledKernel launch
-was tried there and dropped: its launcher's arguments differ between Triton versions.)
+bench/RESULTS.md runs 7-12). Run 15: torch.add 7.7 us; rms_norm through its public function 32.1 us, of which
+Triton's JIT launch alone is 14.5 us; NF4 dequant 29.7 us. (A direct CompiledKernel launch was tried there and
+dropped: its launcher's arguments differ between Triton versions.)
 
     python3 bench/launch_overhead.py --out $OUT
 
