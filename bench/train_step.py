@@ -144,6 +144,7 @@ def main():
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
     path = make_checkpoint(args.shape)
     rows = []
     for variant in args.variants.split(","):
