@@ -83,6 +83,16 @@ def load(variant: str, path: str, fast: bool):
     return peft.get_peft_model(model, config)
 
 
+def _layer_graphs(model):
+    """The LayerGraphs of the model's offloaded checkpoint (None when graphs are off)."""
+    from fastlm.training.offload import OffloadedCheckpoint
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(checkpoint, OffloadedCheckpoint):
+            return checkpoint.graphs
+    return None
+
+
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -116,6 +126,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         with open(cprofile_to, "w") as f:
             for key in ("tottime", "cumulative"):
                 pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(60)
+    graphs = _layer_graphs(model) if fast else None
     ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
     tokens_per_s = batch * seq / (ms / 1000)
     mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
@@ -125,6 +136,9 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                load_peak_alloc_gib=round(load_peak / 2**30, 2), leftover_gib=round(leftover / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    if fast:  # FASTLM_CUDA_GRAPHS and how many decoder-layer graphs the step replayed
+        row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
+                   layer_graphs=graphs.captured() if graphs is not None else 0)
     del model, optimizer, params
     gc.collect()
     torch.cuda.empty_cache()

@@ -245,7 +245,8 @@ def test_disabled_and_merged_adapters_switch_to_peft_at_call_time(tiny_checkpoin
 
 def test_changes_between_calls_reach_the_next_call(tiny_checkpoint):
     """Each projection keeps its fused-path description with the state it came from (describe_projection): a
-    change a user makes between steps (rescale, switch adapter, unfreeze a base weight) must reach the next call.
+    change a user makes between steps (rescale, switch adapter, assign a new LoRA weight, unfreeze a base weight)
+    must reach the next call.
     The same changes on a plain PEFT copy give the expected loss and gradients each time."""
     import peft
 
@@ -272,6 +273,13 @@ def test_changes_between_calls_reach_the_next_call(tiny_checkpoint):
     assert step_after(lambda m: None) == first  # the kept descriptions
     assert step_after(lambda m: [layer.scaling.update(default=3.0) for layer in lora_layers(m)]) == first
     assert step_after(lambda m: m.base_model.set_adapter("other")) == first
+    lora_a = "base_model.model.model.layers.1.mlp.up_proj.lora_A.other"
+
+    def new_weight(m):  # a new Parameter under the same module (same values in both models)
+        old = m.get_submodule(lora_a).weight
+        generator = torch.Generator().manual_seed(7)
+        m.get_submodule(lora_a).weight = torch.nn.Parameter(torch.randn(old.shape, generator=generator))
+    assert step_after(new_weight) == first
     unfreeze = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
     assert step_after(lambda m: m.get_parameter(unfreeze).requires_grad_(True)) == first - 1
 

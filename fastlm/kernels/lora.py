@@ -68,6 +68,11 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return buf[:numel]
 
 
+def live_workspaces() -> list:
+    """The workspaces in use now (a CUDA graph that writes into them keeps references: see workspace())."""
+    return list(_workspaces.values())
+
+
 class DenseWeight:
     """A frozen 16/32-bit weight (N, K) and optional bias (N,), e.g. an nn.Linear's."""
 

@@ -74,10 +74,10 @@ def describe_projection(module):
     """(base FrozenWeight, LoRA or None, None) when `module` can take the fused path, else (None, None, reason).
 
     Called for every projection at every forward and recomputation (448 calls per Llama-3.1-8B step), so the
-    answer is kept on the module with the state it was derived from (_state_key) and derived again only when
+    answer is kept on the module with the state it was derived from (projection_state) and derived again only when
     that state changed: an adapter switched, merged, disabled, rescaled or replaced, a base weight replaced or
     unfrozen."""
-    key = _state_key(module)
+    key = projection_state(module)
     cached = module.__dict__.get(_DESCRIBED)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -86,13 +86,13 @@ def describe_projection(module):
     return described
 
 
-def _state_key(module) -> tuple:
+def projection_state(module) -> tuple:
     """What describe_projection's answer depends on and what can change after installing, read from the modules'
     own dicts (torch.nn.Module.__getattr__ and PEFT's get_base_layer cost microseconds each): identities of the
     base layer, its weight (and the weight's storage and 4-bit quant_state: module.to() swaps them under the same
-    Parameter) and bias, and of the active adapter's A, B and dropout modules; requires_grad of the base weight
-    and bias; the active adapters, merged adapters, the disabled flag, the scale and the dropout
-    probability. Identity alone would not do for the flags and values, which PEFT changes in place."""
+    Parameter) and bias, and of the active adapter's A, B and dropout modules and of A's and B's weight
+    Parameters; requires_grad of the base weight and bias; the active adapters, merged adapters, the disabled
+    flag, the scale and the dropout probability. Identity alone would not do for the flags and values, which PEFT changes in place."""
     modules = module.__dict__.get("_modules", {})
     base = module
     while "base_layer" in base.__dict__.get("_modules", {}):  # PEFT's get_base_layer, through the dicts
@@ -108,8 +108,14 @@ def _state_key(module) -> tuple:
     return key + (actives, tuple(module.merged_adapters), module.disable_adapters,
                   tuple(module.scaling.get(a) for a in actives), tuple(getattr(d, "p", None) for d in dropouts),
                   tuple(id(d) for d in dropouts),
-                  tuple(id(modules["lora_A"]._modules.get(a)) for a in actives),
-                  tuple(id(modules["lora_B"]._modules.get(a)) for a in actives))
+                  tuple(_module_and_weight(modules["lora_A"]._modules.get(a)) for a in actives),
+                  tuple(_module_and_weight(modules["lora_B"]._modules.get(a)) for a in actives))
+
+
+def _module_and_weight(linear) -> tuple:
+    """Identities of an adapter's linear and of its weight Parameter (replaced without replacing the module when
+    a Parameter is assigned, e.g. by layer_graphs during a capture)."""
+    return (id(linear), id(linear.__dict__["_parameters"].get("weight")) if linear is not None else None)
 
 
 def _describe_projection(module):

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from fastlm.kernels.lora import reuse_casts
+from fastlm.training.layer_graphs import LayerGraphs, graphs_enabled
 
 logger = logging.getLogger("fastlm")
 
@@ -139,16 +140,23 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
     """outputs = run(*args); args[0] is offloaded; grads for the tensor args and for `params` (the layer's)."""
 
     @staticmethod
-    def forward(ctx, run, checkpointer, n_args, *args_and_params):
+    def forward(ctx, run, checkpointer, plan, n_args, *args_and_params):
         args, params = args_and_params[:n_args], args_and_params[n_args:]
         x = args[0]
         ctx.set_materialize_grads(False)
         ctx.run, ctx.n_args, ctx.params = run, n_args, params
-        ctx.rng = _RngState(sorted({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda}, key=str))
         ctx.autocast = _autocast_state()
         ctx.saved = checkpointer.save(x)
         ctx.other_args = args[1:]
         ctx.casts = {}                      # fused LoRA's compute-dtype weight copies, for forward and recompute
+        ctx.graph = None
+        if plan is not None:                # a CUDA graph of this layer (fastlm/training/layer_graphs.py)
+            ctx.graph, ctx.bound = plan
+            outputs = ctx.graph.forward(x, ctx.bound)
+            ctx.generation = ctx.graph.generation
+            ctx.rng = None                  # graphed layers draw no random numbers (no dropout)
+            return outputs
+        ctx.rng = _RngState(sorted({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda}, key=str))
         version = x._version
         with reuse_casts(ctx.casts):
             outputs = run(*args)
@@ -165,20 +173,26 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         x = ctx.saved.take()
+        if ctx.graph is not None and ctx.graph.generation == ctx.generation:
+            dx, param_grads = ctx.graph.backward(x, ctx.bound, grad_outputs[0])
+            ctx.run = ctx.other_args = ctx.graph = ctx.bound = None
+            return (None, None, None, None, dx) + tuple(param_grads)
         args = (x.detach().requires_grad_(ctx.saved.requires_grad),) + tuple(
             a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in ctx.other_args)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(ctx.rng.restored())
+            if ctx.rng is not None:
+                stack.enter_context(ctx.rng.restored())
             stack.enter_context(torch.enable_grad())
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             stack.enter_context(reuse_casts(ctx.casts, recomputing=True))
             outputs = ctx.run(*args)
-        ctx.run = ctx.other_args = ctx.casts = None  # ctx.saved stays: a second backward gets take()'s clear error
+        ctx.run = ctx.other_args = ctx.casts = ctx.graph = None  # ctx.saved stays: a second backward gets take()'s
+        # clear error
         flat = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(flat, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         candidates = list(args) + list(ctx.params)
         wanted = [i for i, (t, need) in enumerate(zip(candidates, needs)) if need and isinstance(t, torch.Tensor)]
         grads = [None] * len(candidates)
@@ -187,7 +201,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                                         [g for _, g in pairs], allow_unused=True)
             for i, grad in zip(wanted, found):
                 grads[i] = grad
-        return (None, None, None) + tuple(grads)
+        return (None, None, None, None) + tuple(grads)
 
 
 def _layer_module(function) -> Optional[nn.Module]:
@@ -228,8 +242,11 @@ class OffloadedCheckpoint:
     `synchronize=True` synchronizes the device after every copy (tests compare it against the overlapped run).
     """
 
-    def __init__(self, synchronize: bool = False):
+    def __init__(self, synchronize: bool = False, cuda_graphs: Optional[bool] = None):
         self.synchronize = synchronize
+        if cuda_graphs is None:
+            cuda_graphs = graphs_enabled()
+        self.graphs = LayerGraphs() if cuda_graphs else None
         self._streams = {}
         self._latest = None
         self._fallback_logged = False
@@ -267,4 +284,5 @@ class OffloadedCheckpoint:
         params = [p for p in layer.parameters() if p.requires_grad]
         if not params and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function(*args)          # nothing in or behind this layer trains: no graph to keep
-        return _OffloadedCheckpointFunction.apply(function, self, len(args), *args, *params)
+        plan = self.graphs.plan(layer, function, args, params) if self.graphs is not None else None
+        return _OffloadedCheckpointFunction.apply(function, self, plan, len(args), *args, *params)

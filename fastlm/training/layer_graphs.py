@@ -1,0 +1,363 @@
+"""CUDA graphs of checkpointed decoder layers (offloaded checkpointing on a CUDA device).
+
+Why: fastlm's training step is bound by the host, not the GPU (bench/RESULTS.md runs 7, 12, 15: ~8 us of host
+time per PyTorch op and 15-30 us per Triton or cuBLAS launch on the H200 machine; at Llama-3.2-1B the GPU's
+compute stream needs ~120 ms of a ~140-220 ms step). A CUDA graph replays all of a layer's GPU work with one
+launch, so the host's cost per layer drops from hundreds of calls to a few.
+
+What is captured, per decoder layer and input signature (shapes and dtypes of the input and of the tensors the
+layer is called with, its non-tensor arguments, its parameters' identities and storage, its adapters' state,
+autocast), the two computations offloaded checkpointing runs per layer:
+    forward graph    the layer under no_grad                       reads x, writes the output over x
+    backward graph   the recomputation with grad, then             reads x and dy, writes dx over dy and the
+                     torch.autograd.grad w.r.t. x (when x needs     trainable parameters' gradients into one
+                     grad) and the layer's trainable parameters     flat buffer
+Both graphs of a layer share one `reuse_casts` memo, as the eager path does (LoRA casts and x A^T products made by
+the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly.
+
+Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/sin, mask, position ids) and the
+flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
+on one stream). Before a replay the inputs are copied in (a bound tensor only when it is not the one already
+there); after it the results are copied out (x's output, dx, one copy of the flat gradients whose slices become
+the parameters' gradients). Everything else a graph allocates lives in one private memory pool per device shared
+by all graphs, reused from graph to graph; it is reserved, not allocated, memory for torch.cuda's statistics
+(bench/RESULTS.md reports both).
+
+When a layer is not graphed (it runs as before, eagerly):
+  - the first call with a signature (that call is the warm-up; the second one captures), or more than
+    MAX_SIGNATURES_PER_LAYER signatures seen for the layer (varying sequence lengths: pad to a multiple, e.g.
+    DataCollatorForSeq2Seq(pad_to_multiple_of=64), to keep them few);
+  - dropout with p > 0 anywhere in the layer (random numbers would be frozen into the graph), a layer whose output
+    is not one tensor shaped like its input, an argument of a type this module does not know, extra positional
+    arguments; each logged once;
+  - a capture that fails (an op that synchronises with the host, for example): logged as a warning, and no layer of
+    this model is graphed afterwards.
+A backward that finds its layer's forward graph replayed again since its own forward (the same layer run twice
+before one backward) recomputes eagerly: the graph's memo holds the later call's products.
+
+Switch: FASTLM_CUDA_GRAPHS=0 turns the graphs off (default 1: on wherever offloaded checkpointing runs on CUDA).
+"""
+import contextlib
+import functools
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastlm.kernels.lora import live_workspaces, reuse_casts
+from fastlm.training.fused_lora import projection_state
+
+logger = logging.getLogger("fastlm")
+
+SWITCH = "FASTLM_CUDA_GRAPHS"
+# Signatures (mostly batch shapes) captured per layer before new ones run eagerly. Each costs one capture (~tens of
+# ms per layer) and its memo (LoRA casts + x A^T products, ~3.5 MB per layer at Llama-3.1-8B, batch 2 x 2048).
+MAX_SIGNATURES_PER_LAYER = 4
+
+
+def graphs_enabled() -> bool:
+    """FASTLM_CUDA_GRAPHS: "1" (default) or "0"."""
+    setting = os.environ.get(SWITCH, "1").strip()
+    if setting not in ("0", "1"):
+        raise ValueError(f"{SWITCH} must be 1 or 0, got {os.environ[SWITCH]!r}.")
+    return setting == "1"
+
+
+class NotGraphable(Exception):
+    """Why a layer call cannot be replayed from a graph (the message is logged)."""
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _describe(value, tensors: list):
+    """A hashable description of a bound argument (tensors by shape/dtype/device, appended to `tensors` in order)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_describe(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((k, _describe(v, tensors)) for k, v in value.items())
+    if isinstance(value, nn.Module):
+        return ("module", id(value))
+    if isinstance(value, _PLAIN):
+        return value
+    raise NotGraphable(f"an argument of type {type(value).__name__}")
+
+
+def _substitute(value, replacements):
+    """`value` with its tensors replaced, in _describe's order, by the next items of the iterator `replacements`."""
+    if isinstance(value, torch.Tensor):
+        return next(replacements)
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_substitute(v, replacements) for v in value)
+    if isinstance(value, list):
+        return [_substitute(v, replacements) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, replacements) for k, v in value.items()}
+    if isinstance(value, tuple):  # a named tuple
+        return type(value)(*[_substitute(v, replacements) for v in value])
+    return value
+
+
+def _layer_state(layer: nn.Module) -> tuple:
+    """What the layer's forward path depends on besides its arguments: training flag, parameters (identity,
+    storage, requires_grad), each LoRA projection's adapter state (fused_lora.projection_state), and the attention
+    implementation chosen in the config."""
+    state = [layer.training]
+    for module in layer.modules():
+        own = module.__dict__
+        if "lora_A" in own["_modules"]:
+            state.append(projection_state(module))
+        for param in own["_parameters"].values():
+            if param is not None:
+                state.append((id(param), param.data_ptr(), param.requires_grad))
+        config = own.get("config")
+        if config is not None:
+            state.append(getattr(config, "_attn_implementation", None))
+    return tuple(state)
+
+
+def _dropout_reason(layer: nn.Module) -> Optional[str]:
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"dropout p={module.p} at {name}"
+        if getattr(module, "attention_dropout", 0) not in (0, 0.0, None):
+            return f"attention dropout {module.attention_dropout} at {name}"
+    return None
+
+
+class _Statics:
+    """Static inputs/outputs shared by the layer graphs of one signature: x (B, T, H) (the forward's output is
+    written over it), grad (B, T, H) (dy in, dx out), and one buffer per bound tensor."""
+
+    def __init__(self, x: torch.Tensor, bound: list):
+        self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self.grad = torch.zeros_like(self.x)
+        self.bound = [torch.empty_like(t) for t in bound]
+        self.sources = [None] * len(bound)  # (weakref, version) of the tensor each bound buffer holds
+
+    def load(self, x: torch.Tensor, bound: list) -> None:
+        self.x.copy_(x)
+        for i, (buffer, tensor) in enumerate(zip(self.bound, bound)):
+            held = self.sources[i]
+            if held is not None and held[0]() is tensor and held[1] == tensor._version:
+                continue  # cos/sin and the mask are the same tensors for every layer of a step
+            buffer.copy_(tensor)
+            self.sources[i] = (weakref.ref(tensor), tensor._version)
+
+
+class LayerGraph:
+    """The forward and backward graphs of one layer for one signature, and how to replay them."""
+
+    def __init__(self, statics: _Statics, flat: Optional[torch.Tensor], slots: list, has_dx: bool):
+        self.statics, self.flat, self.slots, self.has_dx = statics, flat, slots, has_dx
+        self.forward_graph = torch.cuda.CUDAGraph()
+        self.backward_graph = torch.cuda.CUDAGraph()
+        self.memo = {}
+        self.generation = 0  # forward replays so far; a backward checks that its forward was the latest
+
+    def forward(self, x: torch.Tensor, bound: list) -> torch.Tensor:
+        """The layer's output for x (B, T, H), a fresh tensor. Call in no_grad (inside the autograd Function)."""
+        self.statics.load(x, bound)
+        self.forward_graph.replay()
+        self.generation += 1
+        return self.statics.x.clone()
+
+    def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor]):
+        """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient."""
+        self.statics.load(x, bound)
+        if grad_output is None:
+            self.statics.grad.zero_()
+        else:
+            self.statics.grad.copy_(grad_output)
+        self.backward_graph.replay()
+        dx = self.statics.grad.clone() if self.has_dx else None
+        flat = self.flat.clone() if self.flat is not None else None
+        return dx, [None if slot is None else flat[slot[0]:slot[0] + slot[1]].view(slot[2]) for slot in self.slots]
+
+
+class _LayerEntry:
+    def __init__(self):
+        self.graphs = {}     # signature -> LayerGraph
+        self.seen = set()    # signatures called once (eagerly)
+        self.refused = None  # why this layer is never graphed, once known
+
+
+class LayerGraphs:
+    """The graphs of one model's checkpointed layers (owned by its OffloadedCheckpoint)."""
+
+    def __init__(self):
+        self._layers = weakref.WeakKeyDictionary()  # layer module -> _LayerEntry
+        self._statics = {}   # signature of the arguments -> _Statics
+        self._flats = {}     # (device, dtype, total) -> flat gradient buffer
+        self._pools = {}     # device -> graph memory pool handle
+        self._streams = {}   # device -> capture stream
+        self.broken = None   # the failure that turned graphs off for this model
+        self._logged = set()
+
+    def captured(self) -> int:
+        """How many layer graphs (forward + backward pairs) are held."""
+        return sum(len(entry.graphs) for entry in self._layers.values())
+
+    def _log_once(self, message: str, warning: bool = False) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            (logger.warning if warning else logger.info)("fastlm: %s", message)
+
+    def plan(self, layer: nn.Module, function, args: tuple, params: list):
+        """(LayerGraph, bound tensors) to replay for this call, or None to run it eagerly."""
+        if self.broken is not None or len(args) != 1 or not isinstance(function, functools.partial):
+            return None
+        x = args[0]
+        if not x.is_cuda:
+            return None
+        entry = self._layers.get(layer)
+        if entry is None:
+            entry = self._layers[layer] = _LayerEntry()
+        if entry.refused is not None:
+            return None
+        bound = []
+        try:
+            arguments = _describe((function.args, function.keywords), bound)
+        except NotGraphable as why:
+            return self._refuse(entry, layer, str(why))
+        autocast = tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in ("cpu", "cuda"))
+        signature = (tuple(x.shape), x.dtype, x.device, x.requires_grad, arguments)
+        key = (signature, autocast, _layer_state(layer))
+        graph = entry.graphs.get(key)
+        if graph is not None:
+            return graph, bound
+        if key not in entry.seen:
+            entry.seen.add(key)  # this call runs eagerly and warms up every kernel the capture will record
+            return None
+        if len(entry.graphs) >= MAX_SIGNATURES_PER_LAYER:
+            self._log_once(f"a decoder layer was called with more than {MAX_SIGNATURES_PER_LAYER} input shapes; "
+                           "new shapes run without CUDA graphs (pad batches to a multiple of 64 to keep them few)")
+            return None
+        reason = _dropout_reason(layer)
+        if reason is not None:
+            return self._refuse(entry, layer, reason)
+        try:
+            with _fresh_leaves(layer, params) as leaves:
+                graph = self._capture(function, x, bound, leaves, signature)
+        except NotGraphable as why:
+            return self._refuse(entry, layer, str(why))
+        except RuntimeError as error:
+            self.broken = str(error)  # the text only: the traceback would keep the failed capture's tensors
+            self._log_once(f"capturing a decoder layer in a CUDA graph failed ({error}); this model's layers run "
+                           f"without CUDA graphs from now on (set {SWITCH}=0 to skip the attempt)", warning=True)
+            return None
+        entry.seen.discard(key)
+        entry.graphs[key] = graph
+        return graph, bound
+
+    def _refuse(self, entry: _LayerEntry, layer: nn.Module, reason: str) -> None:
+        entry.refused = reason
+        self._log_once(f"{type(layer).__name__} runs without CUDA graphs: {reason}")
+        return None
+
+    def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature) -> LayerGraph:
+        statics = self._statics.get(signature)
+        if statics is None:
+            statics = self._statics[signature] = _Statics(x, bound)
+        replacements = iter(statics.bound)  # one iterator: args first, then keywords, as _describe saw them
+        static_args = _substitute(function.args, replacements)
+        run = functools.partial(function.func, *static_args, **_substitute(function.keywords, replacements))
+        device = x.device
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+            self._streams[device] = torch.cuda.Stream(device=device)
+        stream = self._streams[device]
+        statics.load(x, bound)
+        need_x = x.requires_grad
+
+        # Warm-up on the capture stream: checks what the layer returns and which gradients exist, and lets every
+        # lazy initialisation (cuBLAS workspace for this stream, Triton's compilation) happen outside the capture.
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            memo = {}
+            with torch.no_grad(), reuse_casts(memo):
+                y = run(statics.x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+                raise NotGraphable("its output is not one tensor shaped like its input")
+            grads = _differentiate(run, statics, params, need_x, memo)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        param_grads = grads[1:] if need_x else grads
+        present = [g for g in param_grads if g is not None]
+        if len({g.dtype for g in present}) > 1:
+            raise NotGraphable("its trainable parameters have different dtypes")
+        slots, offset = [], 0
+        for g in param_grads:
+            slots.append(None if g is None else (offset, g.numel(), g.shape))
+            offset += 0 if g is None else g.numel()
+        flat = None
+        if present:
+            flat_key = (device, present[0].dtype, offset)
+            flat = self._flats.get(flat_key)
+            if flat is None:
+                flat = self._flats[flat_key] = torch.empty(offset, dtype=present[0].dtype, device=device)
+        graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None)
+        del y, grads, param_grads, present, memo
+
+        pool = self._pools[device]
+        with torch.cuda.graph(graph.forward_graph, pool=pool, stream=stream):
+            with torch.no_grad(), reuse_casts(graph.memo):
+                y = run(statics.x)
+                statics.x.copy_(y)
+            del y
+        with torch.cuda.graph(graph.backward_graph, pool=pool, stream=stream):
+            grads = _differentiate(run, statics, params, need_x, graph.memo)
+            if graph.has_dx:
+                statics.grad.copy_(grads[0])
+            present = [g.reshape(-1) for g in (grads[1:] if need_x else grads) if g is not None]
+            if present:
+                torch.cat(present, out=flat)
+            del grads, present
+        # The shared dequantization workspaces the graphs write into: a later, larger weight (another model) makes
+        # fused LoRA allocate a new one; this reference keeps the captured address valid.
+        graph.workspaces = live_workspaces()
+        return graph
+
+
+@contextlib.contextmanager
+def _fresh_leaves(layer: nn.Module, params: list):
+    """Within the block the layer's trainable parameters are new Parameter objects over the same storage (yields
+    them in `params`' order); the originals are put back after it.
+
+    Why: the autograd engine syncs a gradient with the stream its leaf's AccumulateGrad node was created on. The
+    real parameters' nodes were made on the default stream by the eager warm-up step, and stay alive while any
+    earlier graph does (a training loop holding the last step's loss): syncing the capture stream with the
+    default stream invalidates the capture. Fresh leaves get their nodes on the capture stream; sharing the
+    storage, the graphs read the parameters the optimizer updates."""
+    wanted = {id(p): i for i, p in enumerate(params)}
+    fresh = [None] * len(params)
+    swapped = []
+    for module in layer.modules():
+        for name, param in module.__dict__["_parameters"].items():
+            index = wanted.get(id(param)) if param is not None else None
+            if index is not None:
+                if fresh[index] is None:
+                    fresh[index] = nn.Parameter(param.detach(), requires_grad=True)
+                module._parameters[name] = fresh[index]
+                swapped.append((module, name, param))
+    if any(f is None for f in fresh):
+        raise NotGraphable("a trainable parameter it is given is not one of its own")
+    try:
+        yield fresh
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def _differentiate(run, statics: _Statics, params: list, need_x: bool, memo: dict) -> tuple:
+    """Recompute the layer from statics.x with grad and return d(output)/d([x] + params) for dy = statics.grad."""
+    with torch.enable_grad(), reuse_casts(memo, recomputing=True):
+        x = statics.x.detach().requires_grad_(need_x)
+        y = run(x)
+    inputs = ([x] if need_x else []) + list(params)
+    return torch.autograd.grad(y, inputs, statics.grad, allow_unused=True)

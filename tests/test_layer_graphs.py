@@ -1,0 +1,233 @@
+"""CUDA graphs of checkpointed decoder layers (fastlm/training/layer_graphs.py).
+
+CPU: how a layer call is described and rebuilt with static tensors, what invalidates a graph (adapter state,
+replaced or unfrozen parameters, autocast), which layers are refused (dropout), the switch.
+GPU: training with graphs equals training without them, step by step, for each family and 4/16-bit; an adapter
+disabled, a new sequence length, and one layer run twice before a backward each give the eager result.
+"""
+import collections
+
+import pytest
+import torch
+from torch import nn
+
+from fastlm import FastLanguageModel
+from fastlm.training.checkpointing import set_gradient_checkpointing
+from fastlm.training.layer_graphs import (NotGraphable, LayerGraphs, _describe, _dropout_reason, _layer_state,
+                                          _substitute, graphs_enabled)
+from fastlm.training.offload import OffloadedCheckpoint
+from tests.fixtures.tiny_models import VOCAB
+
+# fp32 on the GPU: a replay runs the same kernels as the eager call on the same inputs; what may differ is only
+# the order of SDPA's and cuBLAS's own reductions between runs, fp32 noise far below 1e-4 (as in
+# tests/test_offload_checkpointing.py).
+GPU_RTOL = 1e-4
+
+
+def _lora_model(path, precision, dropout=0.0):
+    flags = {"load_in_4bit": True} if precision == "4bit" else {"load_in_16bit": True}
+    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32, **flags)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # PEFT starts lora_B at zero, which would leave every lora_A gradient zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _layers(model):
+    return model.get_base_model().model.layers
+
+
+# ---------------------------------------------------------------- CPU
+
+def test_describe_and_substitute_round_trip():
+    Pair = collections.namedtuple("Pair", "cos sin")
+    a, b, c = torch.zeros(2, 3), torch.ones(4, dtype=torch.long), torch.zeros(1)
+    value = ((a, None), {"mask": b, "pos": Pair(c, a), "flag": True, "n": 3})
+    tensors = []
+    description = _describe(value, tensors)
+    assert tensors == [a, b, c, a] or all(x is y for x, y in zip(tensors, [a, b, c, a]))
+    hash(description)
+    # Same shapes, other tensors: the same description; another shape or another flag: a different one.
+    assert _describe(((torch.ones(2, 3), None), {"mask": b, "pos": Pair(c, a), "flag": True, "n": 3}), []) == description
+    assert _describe(((torch.ones(2, 4), None), {"mask": b, "pos": Pair(c, a), "flag": True, "n": 3}), []) != description
+    assert _describe(((a, None), {"mask": b, "pos": Pair(c, a), "flag": False, "n": 3}), []) != description
+    replacements = [torch.full_like(t, 7) for t in tensors]
+    rebuilt = _substitute(value, iter(replacements))
+    assert rebuilt[0][0] is replacements[0] and rebuilt[0][1] is None
+    assert rebuilt[1]["mask"] is replacements[1] and isinstance(rebuilt[1]["pos"], Pair)
+    assert rebuilt[1]["pos"].cos is replacements[2] and rebuilt[1]["pos"].sin is replacements[3]
+    assert rebuilt[1]["flag"] is True and rebuilt[1]["n"] == 3
+    with pytest.raises(NotGraphable, match="object"):
+        _describe((object(),), [])
+
+
+def test_layer_state_sees_what_changes_the_forward_path(tiny_checkpoint):
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    layer = _layers(model)[0]
+    start = _layer_state(layer)
+    assert _layer_state(layer) == start
+    q_proj = layer.self_attn.q_proj
+    changes = {
+        "scale": lambda: q_proj.scaling.__setitem__("default", 3.0),
+        "disabled": lambda: setattr(q_proj, "_disable_adapters", True),
+        "unfrozen": lambda: q_proj.base_layer.weight.requires_grad_(True),
+        "replaced storage": lambda: setattr(layer.input_layernorm.weight, "data",
+                                            layer.input_layernorm.weight.data.clone()),
+        "training flag": lambda: layer.train(not layer.training),
+    }
+    for what, change in changes.items():
+        before = _layer_state(layer)
+        change()
+        assert _layer_state(layer) != before, what
+
+
+def test_dropout_refuses_the_layer(tiny_checkpoint):
+    assert _dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit"))[0]) is None
+    reason = _dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1))[0])
+    assert reason is not None and "dropout p=0.1" in reason
+
+
+def test_switch(monkeypatch):
+    monkeypatch.delenv("FASTLM_CUDA_GRAPHS", raising=False)
+    assert graphs_enabled() and OffloadedCheckpoint().graphs is not None
+    monkeypatch.setenv("FASTLM_CUDA_GRAPHS", "0")
+    assert not graphs_enabled() and OffloadedCheckpoint().graphs is None
+    monkeypatch.setenv("FASTLM_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="FASTLM_CUDA_GRAPHS must be 1 or 0"):
+        OffloadedCheckpoint()
+
+
+def test_cpu_layers_are_never_graphed(tiny_checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("the model loads onto the GPU here")
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    checkpoint = _layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(checkpoint, OffloadedCheckpoint) and checkpoint.graphs is not None
+    batch = _batch("cpu")
+    for _ in range(3):
+        model(**batch).loss.backward()
+    assert checkpoint.graphs.captured() == 0
+
+
+# ---------------------------------------------------------------- GPU
+
+def _batch(device, seq=23, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (2, seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, seq - 6:] = 0  # right padding in the second row
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask,
+                                                  labels=labels).items()}
+
+
+def _train(model, graphs, steps=4):
+    """`steps` AdamW steps on fresh batches (a new mask tensor each step); (losses, LoRA weights)."""
+    _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(steps):
+        # The previous step's loss (and its autograd graph) is alive during this forward, where step 1 captures:
+        # as in most training loops (layer_graphs._fresh_leaves says why that matters).
+        loss = model(**_batch(model.device, seed=step)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_close(actual, expected, what):
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        error = (actual[name] - expected[name]).abs().max().item()
+        assert error <= GPU_RTOL * max(scale, 1e-12), f"{what}: {name} differs by {error:.3g} (largest {scale:.3g})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type, precision", [("llama", "16bit"), ("llama", "4bit"), ("gemma2", "16bit"),
+                                                   ("qwen3", "4bit"), ("phi3", "16bit"), ("qwen2", "16bit")])
+def test_gpu_graphed_training_equals_eager(tiny_checkpoint, model_type, precision):
+    runs = {}
+    for name in ("eager", "graphs"):
+        model = _lora_model(tiny_checkpoint(model_type), precision)
+        graphs = LayerGraphs() if name == "graphs" else None
+        runs[name] = _train(model, graphs)
+        if graphs is not None:  # step 0 warms up, step 1 captures: every layer replays from then on
+            assert graphs.captured() == len(_layers(model)), graphs.broken
+    torch.testing.assert_close(runs["graphs"][0], runs["eager"][0], rtol=GPU_RTOL, atol=0)
+    _assert_close(runs["graphs"][1], runs["eager"][1], f"{model_type} {precision}")
+
+
+def _loss_and_grads(model, batch, graphs, calls=1, disable_adapter=False):
+    """The last of `calls` forward + backward passes of `batch` (graphs: None for eager)."""
+    _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+    model.train()
+    for _ in range(calls):
+        model.zero_grad(set_to_none=True)
+        if disable_adapter:
+            with model.disable_adapter():
+                loss = model(**batch).loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_follow_adapter_state_and_shapes(tiny_checkpoint):
+    model = _lora_model(tiny_checkpoint("llama"), "4bit")
+    model.get_base_model().enable_input_require_grads()  # dx flows into the embeddings' output: a gradient to check
+    graphs = LayerGraphs()
+    cases = {"start": dict(batch=_batch("cuda")),
+             "longer sequence": dict(batch=_batch("cuda", seq=37)),
+             "adapter disabled": dict(batch=_batch("cuda"), disable_adapter=True),
+             "adapter enabled again": dict(batch=_batch("cuda"))}
+    for what, case in cases.items():
+        eager_loss, eager_grads = _loss_and_grads(model, case["batch"], None,
+                                                  disable_adapter=case.get("disable_adapter", False))
+        loss, grads = _loss_and_grads(model, case["batch"], graphs, calls=2,
+                                      disable_adapter=case.get("disable_adapter", False))
+        torch.testing.assert_close(loss, eager_loss, rtol=GPU_RTOL, atol=0, msg=what)
+        assert grads.keys() == eager_grads.keys(), what
+        _assert_close(grads, eager_grads, what)
+    # start / longer sequence / disabled each captured once per layer; enabling again reused the first graphs.
+    assert graphs.captured() == 3 * len(_layers(model)), graphs.broken
+
+
+@pytest.mark.gpu
+def test_gpu_layer_run_twice_before_backward(tiny_checkpoint):
+    """The second forward replays over the graph's memo: the first call's backward must recompute eagerly."""
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    first, second = _batch("cuda", seed=5), _batch("cuda", seed=6)
+
+    def both(graphs, calls):
+        _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+        for _ in range(calls):
+            model.zero_grad(set_to_none=True)
+            loss = model(**first).loss + 0.5 * model(**second).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = both(None, 1)
+    graphs = LayerGraphs()
+    loss, grads = both(graphs, 2)
+    assert graphs.captured() == len(_layers(model))
+    torch.testing.assert_close(loss, eager_loss, rtol=GPU_RTOL, atol=0)
+    _assert_close(grads, eager_grads, "two forwards, one backward")
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_layers_run_eagerly(tiny_checkpoint):
+    model = _lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1)
+    set_gradient_checkpointing(model, "unsloth")
+    graphs = LayerGraphs()
+    _loss_and_grads(model, _batch("cuda"), graphs, calls=3)
+    assert graphs.captured() == 0
