@@ -243,7 +243,7 @@ class LayerGraphs:
         if reason is not None:
             return self._refuse(entry, layer, reason)
         try:
-            with _fresh_leaves(layer, params) as leaves:
+            with _fresh_leaves(layer, params) as leaves, _autocast_cache_off():
                 graph = self._capture(function, x, bound, leaves, signature)
         except NotGraphable as why:
             return self._refuse(entry, layer, str(why))
@@ -322,6 +322,19 @@ class LayerGraphs:
         # fused LoRA allocate a new one; this reference keeps the captured address valid.
         graph.workspaces = live_workspaces()
         return graph
+
+
+@contextlib.contextmanager
+def _autocast_cache_off():
+    """Autocast keeps its casts of leaf parameters in a cache emptied when the outermost autocast block exits: a
+    cast made during a capture would be freed while the graph still writes it (torch.cuda.make_graphed_callables
+    asks for cache_enabled=False for the same reason)."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 @contextlib.contextmanager
