@@ -17,6 +17,7 @@ for case in ${CASES:-1b:qlora:4:8}; do
       --shape $shape --variants $variant --batch $batch --steps $steps --impls $impl > $RES/${shape}_${variant}_$run.log 2>&1
     echo "$run $(grep '^{' $RES/${shape}_${variant}_$run.log | cut -c1-420)"
     grep -E "Error|error" $RES/${shape}_${variant}_$run.log | tail -n 3 | cut -c1-300
+    tar czf $OUT/results.tgz -C $RES .  # after every run: a call cut short still returns what it measured
   done
 done
 tar czf $OUT/results.tgz -C $RES .

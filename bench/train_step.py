@@ -5,7 +5,8 @@ same run (issue 4). Seeded random weights at a real shape are saved once to /tmp
 
 Per variant: 3 warm-up + N timed AdamW steps, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient
 checkpointing, bf16 autocast. Reports tokens/s, ms/step, MFU (flops_per_token at the measured 790 TFLOP/s),
-peak allocated/reserved GiB during training (loading's own peak apart), loss at step 0 and at the last step.
+peak allocated/reserved GiB during training (loading's own peak apart; timed_*: the timed steps only, after the
+warm-up steps in which fastlm captures its CUDA graphs), loss at step 0 and at the last step.
 """
 import argparse
 import cProfile
@@ -108,7 +109,11 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     losses, times = [], []
     profiler = cProfile.Profile() if cprofile_to else None
+    warm_up_peaks = None
     for step in range(3 + steps):
+        if step == 3:  # the warm-up steps' peaks (fastlm captures its CUDA graphs there), then the timed steps'
+            warm_up_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
         if profiler is not None and step == 3:
             profiler.enable()  # the timed steps only: where the host's time goes
         torch.cuda.synchronize()
@@ -132,13 +137,17 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
     row = dict(variant=variant, impl="fastlm" if fast else "hf+peft", batch=batch, seq=seq, ms_per_step=round(ms, 1),
                tokens_per_s=round(tokens_per_s), mfu=round(mfu, 3),
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_alloc_gib=round(max(warm_up_peaks[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
                load_peak_alloc_gib=round(load_peak / 2**30, 2), leftover_gib=round(leftover / 2**30, 2),
-               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               peak_reserved_gib=round(max(warm_up_peaks[1], torch.cuda.max_memory_reserved()) / 2**30, 2),
+               timed_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
-    if fast:  # FASTLM_CUDA_GRAPHS and how many decoder-layer graphs the step replayed
+    if fast:  # FASTLM_CUDA_GRAPHS, how many decoder-layer graphs the step replayed, their private pool's size
+        pools = [s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
-                   layer_graphs=graphs.captured() if graphs is not None else 0)
+                   layer_graphs=graphs.captured() if graphs is not None else 0,
+                   graph_pool_gib=round(sum(pools) / 2**30, 2))
     del model, optimizer, params
     gc.collect()
     torch.cuda.empty_cache()

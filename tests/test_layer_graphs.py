@@ -160,7 +160,7 @@ def test_gpu_graphed_training_equals_eager(tiny_checkpoint, model_type, precisio
         graphs = LayerGraphs() if name == "graphs" else None
         runs[name] = _train(model, graphs)
         if graphs is not None:  # step 0 warms up, step 1 captures: every layer replays from then on
-            assert graphs.captured() == len(_layers(model)), graphs.broken
+            assert graphs.captured() == len(_layers(model)), graphs.why_eager
     torch.testing.assert_close(runs["graphs"][0], runs["eager"][0], rtol=GPU_RTOL, atol=0)
     _assert_close(runs["graphs"][1], runs["eager"][1], f"{model_type} {precision}")
 
@@ -199,7 +199,7 @@ def test_gpu_graphs_follow_adapter_state_and_shapes(tiny_checkpoint):
         assert grads.keys() == eager_grads.keys(), what
         _assert_close(grads, eager_grads, what)
     # start / longer sequence / disabled each captured once per layer; enabling again reused the first graphs.
-    assert graphs.captured() == 3 * len(_layers(model)), graphs.broken
+    assert graphs.captured() == 3 * len(_layers(model)), graphs.why_eager
 
 
 @pytest.mark.gpu
@@ -219,7 +219,7 @@ def test_gpu_layer_run_twice_before_backward(tiny_checkpoint):
     eager_loss, eager_grads = both(None, 1)
     graphs = LayerGraphs()
     loss, grads = both(graphs, 2)
-    assert graphs.captured() == len(_layers(model))
+    assert graphs.captured() == len(_layers(model)), graphs.why_eager
     torch.testing.assert_close(loss, eager_loss, rtol=GPU_RTOL, atol=0)
     _assert_close(grads, eager_grads, "two forwards, one backward")
 

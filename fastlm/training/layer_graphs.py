@@ -198,6 +198,7 @@ class LayerGraphs:
         self._pools = {}     # device -> graph memory pool handle
         self._streams = {}   # device -> capture stream
         self.broken = None   # the failure that turned graphs off for this model
+        self.why_eager = None
         self._logged = set()
 
     def captured(self) -> int:
@@ -212,15 +213,15 @@ class LayerGraphs:
     def plan(self, layer: nn.Module, function, args: tuple, params: list):
         """(LayerGraph, bound tensors) to replay for this call, or None to run it eagerly."""
         if self.broken is not None or len(args) != 1 or not isinstance(function, functools.partial):
-            return None
+            return self._eager("graphs broken, several positional arguments or not a partial")
         x = args[0]
         if not x.is_cuda:
-            return None
+            return self._eager("not on CUDA")
         entry = self._layers.get(layer)
         if entry is None:
             entry = self._layers[layer] = _LayerEntry()
         if entry.refused is not None:
-            return None
+            return self._eager(entry.refused)
         bound = []
         try:
             arguments = _describe((function.args, function.keywords), bound)
@@ -234,11 +235,11 @@ class LayerGraphs:
             return graph, bound
         if key not in entry.seen:
             entry.seen.add(key)  # this call runs eagerly and warms up every kernel the capture will record
-            return None
+            return self._eager("first call with this signature")
         if len(entry.graphs) >= MAX_SIGNATURES_PER_LAYER:
             self._log_once(f"a decoder layer was called with more than {MAX_SIGNATURES_PER_LAYER} input shapes; "
                            "new shapes run without CUDA graphs (pad batches to a multiple of 64 to keep them few)")
-            return None
+            return self._eager("too many signatures")
         reason = _dropout_reason(layer)
         if reason is not None:
             return self._refuse(entry, layer, reason)
@@ -251,7 +252,7 @@ class LayerGraphs:
             self.broken = str(error)  # the text only: the traceback would keep the failed capture's tensors
             self._log_once(f"capturing a decoder layer in a CUDA graph failed ({error}); this model's layers run "
                            f"without CUDA graphs from now on (set {SWITCH}=0 to skip the attempt)", warning=True)
-            return None
+            return self._eager(self.broken)
         entry.seen.discard(key)
         entry.graphs[key] = graph
         return graph, bound
@@ -259,6 +260,10 @@ class LayerGraphs:
     def _refuse(self, entry: _LayerEntry, layer: nn.Module, reason: str) -> None:
         entry.refused = reason
         self._log_once(f"{type(layer).__name__} runs without CUDA graphs: {reason}")
+        return self._eager(reason)
+
+    def _eager(self, reason: str) -> None:
+        self.why_eager = reason  # the latest eager call's reason, for tests and debugging
         return None
 
     def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature) -> LayerGraph:
