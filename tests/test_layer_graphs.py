@@ -210,6 +210,7 @@ def test_gpu_layer_run_twice_before_backward(tiny_checkpoint):
 
     def both(graphs, calls):
         _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+        model.train()  # checkpointing (and so the graphs) runs in training mode only
         for _ in range(calls):
             model.zero_grad(set_to_none=True)
             loss = model(**first).loss + 0.5 * model(**second).loss
