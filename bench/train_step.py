@@ -144,7 +144,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
     if fast:  # FASTLM_CUDA_GRAPHS, how many decoder-layer graphs the step replayed, their private pool's size
-        pools = [s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+        pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                 if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
                    layer_graphs=graphs.captured() if graphs is not None else 0,
                    graph_pool_gib=round(sum(pools) / 2**30, 2))
