@@ -39,6 +39,19 @@ def live_at_peak(snapshot) -> tuple:
     return peak, rows
 
 
+def segment_summary(snapshot) -> list:
+    """Reserved memory at the end of the step by (memory pool, stream): segments, reserved and allocated MiB. Pool
+    (0, 0) is the caching allocator's own; any other is a CUDA graph's private pool (fastlm's layer graphs)."""
+    groups = collections.defaultdict(lambda: [0, 0, 0])
+    for segment in snapshot["segments"]:
+        key = (str(tuple(segment.get("segment_pool_id", (0, 0)))), hex(segment.get("stream", 0)))
+        groups[key][0] += 1
+        groups[key][1] += segment["total_size"]
+        groups[key][2] += segment["allocated_size"]
+    return [dict(pool=pool, stream=stream, segments=n, reserved_mib=round(total / 2**20, 1),
+                 allocated_mib=round(allocated / 2**20, 1)) for (pool, stream), (n, total, allocated) in groups.items()]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -67,8 +80,11 @@ def main():
     for size, where in rows:
         by_site[where] += size
     result = dict(impl=args.impl, shape=args.shape, variant=args.variant, batch=args.batch,
+                  cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
                   allocated_before_step_gib=round(base / 2**30, 3),
                   max_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                  max_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                  segments=segment_summary(snapshot),
                   traced_peak_above_start_gib=round(peak / 2**30, 3),
                   at_peak_mib=[(round(size / 2**20, 1), where) for where, size in by_site.most_common(25)])
     print(json.dumps(result, indent=1))
