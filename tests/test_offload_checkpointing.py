@@ -285,3 +285,48 @@ def test_gpu_overlapped_copies_equal_synchronized_ones():
             scale = weight.abs().max().item()
             error = (runs[name][1][key] - weight).abs().max().item()
             assert error <= GPU_RTOL * scale, f"{name}: {key} differs by {error:.3g} (largest {scale:.3g})"
+
+
+class _Event:
+    """Stands in for a torch.cuda.Event on the CPU: records when the throttle waited for it."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(self.name)
+
+
+def test_copy_throttle_waits_for_the_oldest_copies():
+    from fastlm.training.offload import MAX_COPIES_IN_FLIGHT, _CopyThrottle
+
+    throttle, waited = _CopyThrottle(), []
+    for i in range(MAX_COPIES_IN_FLIGHT + 3):
+        throttle.wait_for_room()
+        throttle.add(_Event(waited, i))
+        assert len(throttle.pending) <= MAX_COPIES_IN_FLIGHT
+    assert waited == [0, 1, 2]  # oldest first, one per copy beyond the bound
+
+
+@pytest.mark.gpu
+def test_gpu_host_waits_when_copies_fall_behind():
+    """A host far ahead of the GPU (CUDA-graphed layers) must not leave more than MAX_COPIES_IN_FLIGHT offload
+    copies unfinished: each pending copy keeps its layer input allocated."""
+    from fastlm.training.offload import MAX_COPIES_IN_FLIGHT
+
+    checkpoint = OffloadedCheckpoint()
+    a, b = torch.randn(4096, 4096, device="cuda"), torch.randn(4096, 4096, device="cuda")
+    out = torch.empty_like(a)
+    inputs = [torch.randn(1024, 1024, device="cuda") for _ in range(8)]
+    torch.cuda.synchronize()
+    events, entries = [], []
+    for x in inputs:
+        for _ in range(20):  # ~3 ms of GPU work per "layer", ~0.2 ms of host time: the host runs ahead
+            torch.matmul(a, b, out=out)
+        entries.append(checkpoint.save(x))  # the copy waits for the compute stream's work queued so far
+        events.append(checkpoint._throttle.pending[-1])
+    finished = sum(event.query() for event in events)
+    assert finished >= len(inputs) - MAX_COPIES_IN_FLIGHT
+    torch.cuda.synchronize()
+    for entry, x in zip(entries, inputs):
+        torch.testing.assert_close(entry.host, x.cpu(), rtol=0, atol=0)

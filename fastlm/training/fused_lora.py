@@ -92,7 +92,8 @@ def projection_state(module) -> tuple:
     base layer, its weight (and the weight's storage and 4-bit quant_state: module.to() swaps them under the same
     Parameter) and bias, and of the active adapter's A, B and dropout modules and of A's and B's weight
     Parameters; requires_grad of the base weight and bias; the active adapters, merged adapters, the disabled
-    flag, the scale and the dropout probability. Identity alone would not do for the flags and values, which PEFT changes in place."""
+    flag, the scale and the dropout probability. Identity alone would not do for the flags and values, which PEFT
+    changes in place."""
     modules = module.__dict__.get("_modules", {})
     base = module
     while "base_layer" in base.__dict__.get("_modules", {}):  # PEFT's get_base_layer, through the dicts
