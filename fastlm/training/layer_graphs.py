@@ -1,9 +1,10 @@
 """CUDA graphs of checkpointed decoder layers (offloaded checkpointing on a CUDA device).
 
-Why: fastlm's training step is bound by the host, not the GPU (bench/RESULTS.md runs 7, 12, 15: ~8 us of host
+Why: the eager training step is bound by the host, not the GPU (bench/RESULTS.md runs 7, 12, 15: ~8 us of host
 time per PyTorch op and 15-30 us per Triton or cuBLAS launch on the H200 machine; at Llama-3.2-1B the GPU's
-compute stream needs ~120 ms of a ~140-220 ms step). A CUDA graph replays all of a layer's GPU work with one
-launch, so the host's cost per layer drops from hundreds of calls to a few.
+compute stream needs ~120 ms of a ~140-230 ms step). A CUDA graph replays all of a layer's GPU work with one
+launch, so the host's cost per layer drops from hundreds of calls to a few. Measured (runs 20-24, 1B QLoRA batch
+4): 130-133 ms per step with the graphs against 181-230 ms without, in the same device calls.
 
 What is captured, per decoder layer and input signature (shapes and dtypes of the input and of the tensors the
 layer is called with, its non-tensor arguments, its parameters' identities and storage, its adapters' state,
@@ -30,8 +31,9 @@ When a layer is not graphed (it runs as before, eagerly):
   - dropout with p > 0 anywhere in the layer (random numbers would be frozen into the graph), a layer whose output
     is not one tensor shaped like its input, an argument of a type this module does not know, extra positional
     arguments; each logged once;
-  - a capture that fails (an op that synchronises with the host, for example): logged as a warning, and no layer of
-    this model is graphed afterwards.
+  - a capture that fails (an op that synchronises with the host, or another thread's CUDA call during the capture,
+    e.g. a DataLoader's pin-memory thread with num_workers > 0): logged as a warning, and no layer of this model is
+    graphed afterwards.
 A backward that finds its layer's forward graph replayed again since its own forward (the same layer run twice
 before one backward) recomputes eagerly: the graph's memo holds the later call's products.
 
@@ -53,8 +55,10 @@ from fastlm.training.fused_lora import projection_state
 logger = logging.getLogger("fastlm")
 
 SWITCH = "FASTLM_CUDA_GRAPHS"
-# Signatures (mostly batch shapes) captured per layer before new ones run eagerly. Each costs one capture (~tens of
-# ms per layer) and its memo (LoRA casts + x A^T products, ~3.5 MB per layer at Llama-3.1-8B, batch 2 x 2048).
+# Signatures (mostly batch shapes) captured per layer before new ones run eagerly; a rule, not a measurement. Each
+# costs one capture per layer, its static x and dy (2 x B x T x H in the model dtype, shared by the layers) and per
+# layer its memo (LoRA casts + x A^T products, ~3.5 MB per layer at Llama-3.1-8B, batch 2 x 2048); the pool grows
+# to the largest signature's working set only.
 MAX_SIGNATURES_PER_LAYER = 4
 
 

@@ -221,8 +221,8 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
             stack.enter_context(reuse_casts(ctx.casts, recomputing=True))
             outputs = ctx.run(*args)
-        ctx.run = ctx.other_args = ctx.casts = ctx.graph = None  # ctx.saved stays: a second backward gets take()'s
-        # clear error
+        # ctx.saved stays: a second backward gets take()'s clear error
+        ctx.run = ctx.other_args = ctx.casts = ctx.graph = None
         flat = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(flat, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
