@@ -9,14 +9,13 @@ import collections
 
 import pytest
 import torch
-from torch import nn
 
-from fastlm import FastLanguageModel
 from fastlm.training.checkpointing import set_gradient_checkpointing
 from fastlm.training.layer_graphs import (NotGraphable, LayerGraphs, _describe, _dropout_reason, _layer_state,
                                           _substitute, graphs_enabled)
 from fastlm.training.offload import OffloadedCheckpoint
-from tests.fixtures.tiny_models import VOCAB
+from tests import test_offload_checkpointing as offload_tests
+from tests.test_offload_checkpointing import _batch, _layers
 
 # fp32 on the GPU: a replay runs the same kernels as the eager call on the same inputs; what may differ is only
 # the order of SDPA's and cuBLAS's own reductions between runs, fp32 noise far below 1e-4 (as in
@@ -25,20 +24,10 @@ GPU_RTOL = 1e-4
 
 
 def _lora_model(path, precision, dropout=0.0):
-    flags = {"load_in_4bit": True} if precision == "4bit" else {"load_in_16bit": True}
-    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=64, dtype=torch.float32, **flags)
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
-                                             use_gradient_checkpointing="unsloth", random_state=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # PEFT starts lora_B at zero, which would leave every lora_A gradient zero
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    """fp32 weights (the GPU comparisons' tolerance), LoRA r=4 with random B, offloaded checkpointing."""
+    model = offload_tests._lora_model(path, precision, dropout=dropout, dtype=torch.float32)
+    set_gradient_checkpointing(model, "unsloth")
     return model
-
-
-def _layers(model):
-    return model.get_base_model().model.layers
 
 
 # ---------------------------------------------------------------- CPU
@@ -116,16 +105,6 @@ def test_cpu_layers_are_never_graphed(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------- GPU
-
-def _batch(device, seq=23, seed=2):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (2, seq), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, seq - 6:] = 0  # right padding in the second row
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask,
-                                                  labels=labels).items()}
-
 
 def _train(model, graphs, steps=4):
     """`steps` AdamW steps on fresh batches (a new mask tensor each step); (losses, LoRA weights)."""

@@ -35,8 +35,8 @@ def _lora_model(path, precision, dropout=0.1, **load):
     return model
 
 
-def _batch(device, seq=23):
-    generator = torch.Generator().manual_seed(2)
+def _batch(device, seq=23, seed=2):
+    generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (2, seq), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, seq - 6:] = 0  # right padding in the second row
