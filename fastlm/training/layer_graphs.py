@@ -37,7 +37,8 @@ When a layer is not graphed (it runs as before, eagerly):
 A backward that finds its layer's forward graph replayed again since its own forward (the same layer run twice
 before one backward) recomputes eagerly: the graph's memo holds the later call's products.
 
-Switch: FASTLM_CUDA_GRAPHS=0 turns the graphs off (default 1: on wherever offloaded checkpointing runs on CUDA).
+Switch: FASTLM_CUDA_GRAPHS=0 turns the graphs off (default 1: on wherever offloaded checkpointing runs on CUDA);
+read when offloaded checkpointing is set up (get_peft_model, or set_gradient_checkpointing(model, "unsloth")).
 """
 import contextlib
 import functools
