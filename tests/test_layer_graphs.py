@@ -3,7 +3,8 @@
 CPU: how a layer call is described and rebuilt with static tensors, what invalidates a graph (adapter state,
 replaced or unfrozen parameters, autocast), which layers are refused (dropout), the switch.
 GPU: training with graphs equals training without them, step by step, for each family and 4/16-bit; an adapter
-disabled, a new sequence length, and one layer run twice before a backward each give the eager result.
+disabled, a new sequence length, and one layer run twice before a backward each give the eager result; captures
+succeed beside DataLoader workers and their pin-memory thread.
 """
 import collections
 
@@ -213,3 +214,32 @@ def test_gpu_dropout_layers_run_eagerly(tiny_checkpoint):
     graphs = LayerGraphs()
     _loss_and_grads(model, _batch("cuda"), graphs, calls=3)
     assert graphs.captured() == 0
+
+
+class _Batches(torch.utils.data.Dataset):
+    """CPU batches for a DataLoader (workers and a pin-memory thread run beside the training loop)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return _batch("cpu", seed=index)
+
+
+@pytest.mark.gpu
+def test_gpu_capture_beside_dataloader_workers(tiny_checkpoint):
+    """Batches come from worker processes through DataLoader's pin-memory thread, which calls into CUDA while a layer
+    is being captured: the captures must still succeed (a failure falls back to eager, and this test says so)."""
+    model = _lora_model(tiny_checkpoint("llama"), "4bit")
+    graphs = LayerGraphs()
+    _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=2, pin_memory=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for batch in loader:
+        loss = model(**{k: v.to("cuda", non_blocking=True) for k, v in batch.items()}).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert graphs.broken is None, graphs.broken
+    assert graphs.captured() == len(_layers(model)), graphs.why_eager
