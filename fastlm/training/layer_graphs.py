@@ -31,9 +31,8 @@ When a layer is not graphed (it runs as before, eagerly):
   - dropout with p > 0 anywhere in the layer (random numbers would be frozen into the graph), a layer whose output
     is not one tensor shaped like its input, an argument of a type this module does not know, extra positional
     arguments; each logged once;
-  - a capture that fails (an op that synchronises with the host, or another thread's CUDA call during the capture,
-    e.g. a DataLoader's pin-memory thread with num_workers > 0): logged as a warning, and no layer of this model is
-    graphed afterwards.
+  - a capture that fails (an op that synchronises with the host, for example): logged as a warning, and no layer
+    of this model is graphed afterwards.
 A backward that finds its layer's forward graph replayed again since its own forward (the same layer run twice
 before one backward) recomputes eagerly: the graph's memo holds the later call's products.
 
@@ -315,12 +314,18 @@ class LayerGraphs:
         del y, grads, param_grads, present, memo
 
         pool = self._pools[device]
-        with torch.cuda.graph(graph.forward_graph, pool=pool, stream=stream):
+        # "thread_local": only this thread's CUDA calls are checked during the capture. Under the default "global"
+        # mode a call from any other thread, e.g. a DataLoader pin-memory thread allocating pinned memory for the
+        # next batch (num_workers > 0), breaks the capture and fails in that thread, which then raises on the next
+        # batch (PyTorch documents thread_local for this; pytorch/pytorch#174724). Every capture of the supported
+        # families succeeded under "global" (bench/RESULTS.md run 22), so no other thread calls CUDA unsafely in
+        # them and the graphs are the same.
+        with torch.cuda.graph(graph.forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             with torch.no_grad(), reuse_casts(graph.memo):
                 y = run(statics.x)
                 statics.x.copy_(y)
             del y
-        with torch.cuda.graph(graph.backward_graph, pool=pool, stream=stream):
+        with torch.cuda.graph(graph.backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             grads = _differentiate(run, statics, params, need_x, graph.memo)
             if graph.has_dx:
                 statics.grad.copy_(grads[0])
