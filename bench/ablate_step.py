@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
-from bench.train_step import load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
 from fastlm.kernels import lora as lora_op  # noqa: E402
 from fastlm.training.checkpointing import set_gradient_checkpointing  # noqa: E402
 
@@ -53,11 +53,8 @@ def measure(model, ids, optimizer, steps):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--shape", default="1b")
+    add_setting_arguments(parser)
     parser.add_argument("--variant", default="qlora")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True

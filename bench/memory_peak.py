@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
-from bench.train_step import load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
 
 
 def live_at_peak(snapshot) -> tuple:
@@ -54,11 +54,8 @@ def segment_summary(snapshot) -> list:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--shape", default="1b")
+    add_setting_arguments(parser)
     parser.add_argument("--variant", default="qlora")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--impl", default="fastlm")
     args = parser.parse_args()
     model = load(args.variant, make_checkpoint(args.shape), args.impl == "fastlm")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_step import load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
 
 # Kernel name fragments -> category, first match wins (lower-case). cuBLAS on Hopper names its GEMMs nvjet_* or
 # sm90_xmma_*; SDPA's flash backend is pytorch_flash::flash_*; Triton kernels keep their Python names.
@@ -130,12 +130,9 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--shape", default="8b")
+    add_setting_arguments(parser, shape="8b", batch=2)
     parser.add_argument("--variant", default="qlora")
     parser.add_argument("--impls", default="fastlm,hf")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=2048)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     path = make_checkpoint(args.shape)

@@ -84,6 +84,14 @@ def load(variant: str, path: str, fast: bool):
     return peft.get_peft_model(model, config)
 
 
+def add_setting_arguments(parser, shape: str = "1b", batch: int = 4) -> None:
+    """--out, --shape, --batch, --seq: the setting every training-step benchmark shares (its own defaults)."""
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--shape", default=shape, choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq", type=int, default=2048)
+
+
 def _layer_graphs(model):
     """The LayerGraphs of the model's offloaded checkpoint (None when graphs are off)."""
     from fastlm.training.offload import OffloadedCheckpoint
@@ -157,11 +165,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    add_setting_arguments(parser)
     parser.add_argument("--variants", default="qlora,lora16")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
     parser.add_argument("--cprofile", action="store_true",
