@@ -2,7 +2,7 @@
 recorded with torch.cuda.memory._record_memory_history, and the tensors alive at the peak listed by the frame that
 allocated them (the innermost frame in fastlm, transformers or peft).
 
-    python3 bench/memory_peak.py --out $OUT [--shape 1b] [--variant qlora] [--batch 4] [--impl fastlm]
+    python3 bench/memory_peak.py --out $OUT [--shape 1b] [--variant qlora] [--batch 4] [--impl fastlm] [--warmup 2]
 """
 import argparse
 import collections
@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
-from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, allocator_settings, load, make_checkpoint  # noqa: E402
 
 
 def live_at_peak(snapshot) -> tuple:
@@ -57,12 +57,14 @@ def main():
     add_setting_arguments(parser)
     parser.add_argument("--variant", default="qlora")
     parser.add_argument("--impl", default="fastlm")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untraced steps first (1: the traced step is the one where fastlm captures its graphs)")
     args = parser.parse_args()
     model = load(args.variant, make_checkpoint(args.shape), args.impl == "fastlm")
     model.train()
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for _ in range(2):
+    for _ in range(args.warmup):
         step(model, ids, optimizer)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -77,7 +79,8 @@ def main():
     for size, where in rows:
         by_site[where] += size
     result = dict(impl=args.impl, shape=args.shape, variant=args.variant, batch=args.batch,
-                  cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
+                  cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"), warmup=args.warmup,
+                  alloc_conf=allocator_settings(),
                   allocated_before_step_gib=round(base / 2**30, 3),
                   max_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                   max_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),

@@ -92,6 +92,11 @@ def add_setting_arguments(parser, shape: str = "1b", batch: int = 4) -> None:
     parser.add_argument("--seq", type=int, default=2048)
 
 
+def allocator_settings() -> str:
+    """The caching allocator's settings from the environment (PYTORCH_ALLOC_CONF, or its older name), or "default"."""
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
+
+
 def _layer_graphs(model):
     """The LayerGraphs of the model's offloaded checkpoint (None when graphs are off)."""
     from fastlm.training.offload import OffloadedCheckpoint
@@ -150,7 +155,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                peak_reserved_gib=round(max(warm_up_peaks[1], torch.cuda.max_memory_reserved()) / 2**30, 2),
                timed_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), alloc_conf=allocator_settings())
     if fast:  # FASTLM_CUDA_GRAPHS, how many decoder-layer graphs the step replayed, their private pool's size
         pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
