@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
-from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, import_fastlm_first, load, make_checkpoint  # noqa: E402
 from fastlm.kernels import lora as lora_op  # noqa: E402
 from fastlm.training.checkpointing import set_gradient_checkpointing  # noqa: E402
 
@@ -58,6 +58,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    import_fastlm_first(["fastlm"])
     path = make_checkpoint(args.shape)
     torch.manual_seed(0)
     model = load(args.variant, path, fast=True)

@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
-from bench.train_step import add_setting_arguments, allocator_settings, load, make_checkpoint  # noqa: E402
+from bench.train_step import (add_setting_arguments, allocator_settings, import_fastlm_first, load,  # noqa: E402
+                              make_checkpoint)
 
 
 def live_at_peak(snapshot) -> tuple:
@@ -60,6 +61,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2,
                         help="untraced steps first (1: the traced step is the one where fastlm captures its graphs)")
     args = parser.parse_args()
+    import_fastlm_first([args.impl])
     model = load(args.variant, make_checkpoint(args.shape), args.impl == "fastlm")
     model.train()
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq), device="cuda")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_step import add_setting_arguments, load, make_checkpoint  # noqa: E402
+from bench.train_step import add_setting_arguments, import_fastlm_first, load, make_checkpoint  # noqa: E402
 
 # Kernel name fragments -> category, first match wins (lower-case). cuBLAS on Hopper names its GEMMs nvjet_* or
 # sm90_xmma_*; SDPA's flash backend is pytorch_flash::flash_*; Triton kernels keep their Python names.
@@ -135,6 +135,7 @@ def main():
     parser.add_argument("--impls", default="fastlm,hf")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    import_fastlm_first(args.impls.split(","))
     path = make_checkpoint(args.shape)
     results = []
     for impl in args.impls.split(","):

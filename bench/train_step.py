@@ -31,6 +31,14 @@ PEAK_BF16_TFLOPS = 790.0  # measured bf16 matmul rate of the H200 (../shared/dev
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def import_fastlm_first(impls) -> None:
+    """Import fastlm before anything touches the GPU where it is measured, as a user's script does (`from fastlm
+    import FastLanguageModel` at the top): its allocator settings (fastlm.ALLOCATOR_SETTINGS) then apply from the
+    first CUDA allocation. A process that runs only transformers + PEFT keeps torch's defaults."""
+    if "fastlm" in impls:
+        import fastlm  # noqa: F401
+
+
 def make_checkpoint(shape: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
@@ -159,7 +167,9 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     if fast:  # FASTLM_CUDA_GRAPHS, how many decoder-layer graphs the step replayed, their private pool's size
         pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
+        from fastlm.kernels.lora import MLP_BACKWARD_BLOCK_ELEMENTS
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
+                   mlp_block_elements=MLP_BACKWARD_BLOCK_ELEMENTS,
                    layer_graphs=graphs.captured() if graphs is not None else 0,
                    graph_pool_gib=round(sum(pools) / 2**30, 2))
     del model, optimizer, params
@@ -174,11 +184,17 @@ def main():
     parser.add_argument("--variants", default="qlora,lora16")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
+    parser.add_argument("--mlp-block-log2", type=int, default=None,
+                        help="fastlm.kernels.lora.MLP_BACKWARD_BLOCK_ELEMENTS = 2**N for this run (the sweep behind it)")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
+    import_fastlm_first(args.impls.split(","))
+    if args.mlp_block_log2 is not None:
+        from fastlm.kernels import lora
+        lora.MLP_BACKWARD_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
     path = make_checkpoint(args.shape)
     rows = []
     for variant in args.variants.split(","):

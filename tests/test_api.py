@@ -1,6 +1,8 @@
 """The public API mirrors Unsloth's FastLanguageModel argument for argument (names, order and defaults)."""
 import inspect
 
+import pytest
+
 import fastlm
 from fastlm import FastLanguageModel
 
@@ -39,3 +41,35 @@ def test_get_peft_model_signature():
 def test_public_names():
     assert fastlm.__all__ == ["FastLanguageModel", "__version__"]
     assert callable(FastLanguageModel.for_inference) and callable(FastLanguageModel.for_training)
+
+
+def _run_after_import(env_update: dict, code: str) -> str:
+    """The last line printed by `code` in a fresh interpreter, the allocator variables of this process's
+    environment replaced by env_update."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env.update(env_update)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_import_sets_expandable_segments_unless_the_user_set_the_allocator():
+    """`import fastlm` asks for expandable segments where neither allocator variable is set, and leaves a user's
+    setting (either name) alone."""
+    code = "import os, fastlm; print(os.environ.get('PYTORCH_ALLOC_CONF'))"
+    assert _run_after_import({}, code) == fastlm.ALLOCATOR_SETTINGS == "expandable_segments:True"
+    assert _run_after_import({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, code) == "expandable_segments:False"
+    assert _run_after_import({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, code) == "None"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_comes_in_expandable_segments_after_import():
+    """torch takes the setting at the first CUDA allocation, also when it was imported and used on the CPU before
+    fastlm was imported; without fastlm the segments are not expandable (what makes this test able to fail)."""
+    code = ("import torch; torch.zeros(3).sum(); {}x = torch.zeros(1 << 20, device='cuda'); "
+            "print([s.get('is_expandable') for s in torch.cuda.memory_snapshot()])")
+    assert _run_after_import({}, code.format("import fastlm; ")) == "[True]"
+    assert _run_after_import({}, code.format("")) == "[False]"

@@ -419,11 +419,15 @@ def test_adapter_directory_loaded_by_fastlm_takes_fused_path(tiny_checkpoint, tm
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
-def test_offloaded_checkpointing_with_fused_lora(model_type, tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("block_elements", [None, 7 * 128])
+def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tiny_checkpoint, monkeypatch):
     """FastLanguageModel's default training setup (fast path, fused LoRA, use_gradient_checkpointing="unsloth",
-    whose recomputation skips the down projection where the family's MLP feeds the residual sum: llama yes,
-    gemma2 no) gives the loss and LoRA gradients of the same model without checkpointing."""
+    whose recomputation leaves the MLP's gate | up to backward, made there by blocks of rows, where the family's
+    MLP feeds the residual sum: llama yes, gemma2 no) gives the loss and LoRA gradients of the same model without
+    checkpointing; block_elements 7 * 128 (the tiny intermediate size is 128) cuts each MLP backward into blocks of
+    7 rows, the last one shorter."""
     from fastlm import FastLanguageModel
+    from fastlm.kernels import lora as lora_op
     from fastlm.training.checkpointing import set_gradient_checkpointing
 
     monkeypatch.setenv("FASTLM_FAST_PATH", "1")
@@ -433,18 +437,22 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, tiny_checkpoint, mo
     mlp = model.get_base_model().model.layers[0].mlp
     assert mlp._fastlm_feeds_residual == (model_type == "llama")
     batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
-    from fastlm.kernels import lora as lora_op
-    skips, forward_group = [], lora_op._forward_group
-    monkeypatch.setattr(lora_op, "_forward_group", lambda *a, skip_outputs=False, **kw: (
-        skips.append(skip_outputs), forward_group(*a, skip_outputs=skip_outputs, **kw))[1])
+    if block_elements is not None:
+        assert model.config.intermediate_size == 128
+        monkeypatch.setattr(lora_op, "MLP_BACKWARD_BLOCK_ELEMENTS", block_elements)
+    blocks = []
+    row_blocks = lora_op._row_blocks
+    monkeypatch.setattr(lora_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
     activations, activation_forward = [], lora_op.activation_forward
     monkeypatch.setattr(lora_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
     offloaded = _loss_and_grads(model.train(), batch)[:2]
-    layers = model.config.num_hidden_layers
-    assert skips.count(True) == (layers if model_type == "llama" else 0)  # one per layer, in the recomputation
-    # h = act(gate) * up per layer: forward, recomputation (not needed where the down projection is skipped and
-    # h A_down^T comes from the forward's memo), and backward (for dA of down).
-    assert len(activations) == layers * (2 if model_type == "llama" else 3)
+    layers, rows = model.config.num_hidden_layers, batch["input_ids"].numel()
+    assert len(blocks) == (layers if model_type == "llama" else 0)  # one row-blocked MLP backward per layer
+    per_layer = -(-rows // 7) if block_elements else 1
+    assert all(len(b) == per_layer and b[-1].stop == rows for b in blocks)
+    # h = act(gate) * up per layer: forward, recomputation (not where the down projection is skipped and h A_down^T
+    # comes from the forward's memo), and backward (for dA of down: once per block of rows).
+    assert len(activations) == layers * ((1 + per_layer) if model_type == "llama" else 3)
     set_gradient_checkpointing(model, False)
     _compare_models(_loss_and_grads(model, batch)[:2], offloaded)
 

@@ -24,10 +24,14 @@ The gated MLP (`lora_mlp`), Llama-style or Phi-3's fused gate_up_proj:
 It saves x, gate, up and the rank-r products; h is recomputed in backward from gate and up (one
 elementwise pass) instead of being saved. Recomputing gate and up from x instead would cost two of the
 three big matmuls (+ their dequantization) again in backward, about +40% of the MLP's backward FLOPs, to
-save 2 x (M, I) activations that live only while this layer's backward runs under gradient
-checkpointing: saving them is the better trade. The activation backward writes dgate/dup into the
-saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks at 3 x (M, I) (gate,
+save 2 x (M, I) activations: saving them is the better trade. The activation backward writes dgate/dup into
+the saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks at 3 x (M, I) (gate,
 up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
+Under gradient checkpointing the trade is another: the recomputation runs the MLP only to build this node
+for backward, right before it, so making gate and up there or in backward costs the same FLOPs. There
+(`output_feeds_residual`, in a `reuse_casts(..., recomputing=True)` block) the node saves x only, and
+backward makes gate | up by blocks of rows (`_mlp_backward_by_rows`), holding 3 x (M_b, I) instead of
+3 x (M, I): at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
 fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
@@ -306,29 +310,26 @@ def _block_diagonal_b(Bs, scales, widths, ranks, dtype) -> torch.Tensor:
     return _memoized(("B", tuple(id(b) for b in sources), tuple(scales), tuple(widths), dtype), sources, make)
 
 
-def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dtype, side_by_side=False,
-                   skip_outputs=False):
-    """y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T for every projection of x (M, K) with its LoRA (A_i or None).
-
-    x_source: x, or a function returning it (with skip_outputs, called only when x A^T is not in the memo);
-    rows_like: any tensor with x's M rows, on x's device (x itself, or the MLP's input for its hidden state).
-    side_by_side: write the projections into one (M, sum N_i) tensor (gate | up) and add their LoRA terms with
-        one GEMM through the block-diagonal s B; else one tensor per projection (q, k, v), each LoRA term added
-        from its block. skip_outputs: leave the outputs unset (torch.empty): only what backward saves is made.
-    Returns (ys: the (M, sum N_i) tensor or the list of (M, N_i) tensors, xa_all (M, R) or None, A_all (R, K) or
-    None, B_bd (sum N_i, R) or None)."""
-    m, widths = rows_like.shape[0], [base.shape[0] for base in bases]
+def _lora_terms(x_source, m: int, bases, As, Bs, scales, dtype):
+    """(xa_all (M, R), A_all (R, K), B_bd (sum N_i, R)) of a group's LoRAs (see the block above), or three Nones
+    when no projection of the group has one. x_source: x (M, K), or a function returning it, called only when
+    x A^T is not in the memo."""
+    widths = [base.shape[0] for base in bases]
     with_lora = [i for i, a in enumerate(As) if a is not None]
-    a_all = xa_all = b_bd = None
-    if with_lora:
-        a_all = _stacked_a([As[i] for i in with_lora], dtype)
-        xa_all = _lora_input_product(x_source, a_all, [As[i] for i in with_lora], m)
-        b_bd = _block_diagonal_b(Bs, scales, widths, [0 if a is None else a.shape[0] for a in As], dtype)
-    if skip_outputs:
-        shapes = [(m, sum(widths))] if side_by_side else [(m, n) for n in widths]
-        outs = [torch.empty(shape, dtype=dtype, device=rows_like.device) for shape in shapes]
-        return (outs[0] if side_by_side else outs), xa_all, a_all, b_bd
-    x2 = x_source() if callable(x_source) else x_source
+    if not with_lora:
+        return None, None, None
+    a_all = _stacked_a([As[i] for i in with_lora], dtype)
+    xa_all = _lora_input_product(x_source, a_all, [As[i] for i in with_lora], m)
+    b_bd = _block_diagonal_b(Bs, scales, widths, [0 if a is None else a.shape[0] for a in As], dtype)
+    return xa_all, a_all, b_bd
+
+
+def _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side=False):
+    """y_i = x W_i^T (+ b_i) + (x A_i^T) (s_i B_i)^T for the projections of x (M, K), given _lora_terms' xa_all and
+    b_bd (None without LoRA). side_by_side: write them into one (M, sum N_i) tensor (gate | up) and add their LoRA
+    terms with one GEMM through the block-diagonal s B; else a list of (M, N_i) tensors (q, k, v), each LoRA term
+    added from its block."""
+    m, widths = x2.shape[0], [base.shape[0] for base in bases]
     y_all = torch.empty(m, sum(widths), dtype=dtype, device=x2.device) if side_by_side else None
     ys, row, col = [], 0, 0
     for i, (base, n) in enumerate(zip(bases, widths)):
@@ -344,9 +345,55 @@ def _forward_group(x_source, rows_like: torch.Tensor, bases, As, Bs, scales, dty
             col += r
         ys.append(y)
         row += n
-    if side_by_side and with_lora:
+    if side_by_side and xa_all is not None:
         y_all.addmm_(xa_all, b_bd.T)
-    return (y_all if side_by_side else ys), xa_all, a_all, b_bd
+    return y_all if side_by_side else ys
+
+
+def _forward_group(x2, bases, As, Bs, scales, dtype, side_by_side=False):
+    """_project of x2 (M, K) with its LoRA terms: (ys, xa_all, A_all, B_bd)."""
+    xa_all, a_all, b_bd = _lora_terms(x2, x2.shape[0], bases, As, Bs, scales, dtype)
+    return _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side), xa_all, a_all, b_bd
+
+
+def _split_da(da_all, As, need_a) -> list:
+    """dA_i (A_i's dtype, None where not needed) from the stacked dA_all (R, K)."""
+    dAs, col = [None] * len(As), 0
+    for i, a in enumerate(As):
+        if a is not None:
+            r = a.shape[0]
+            if need_a[i]:
+                da = da_all[col:col + r]
+                dAs[i] = da if da.dtype == a.dtype else da.to(a.dtype)
+            col += r
+    return dAs
+
+
+def _split_db(db_all, As, Bs, scales, widths, need_b) -> list:
+    """dB_i = s_i times the i-th diagonal block of db_all (sum N_i, R), in B_i's dtype (None where not needed)."""
+    dBs, row, col = [None] * len(As), 0, 0
+    for i, a in enumerate(As):
+        if a is not None:
+            r = a.shape[0]
+            if need_b[i]:
+                db = db_all[row:row + widths[i], col:col + r]
+                dBs[i] = torch.mul(db, scales[i], out=torch.empty(db.shape, dtype=Bs[i].dtype, device=db.device))
+            col += r
+        row += widths[i]
+    return dBs
+
+
+def _base_input_grad(d_all, bases, dtype, out=None):
+    """sum_i d_i W_i (M, K) for d_all = [d_0 | d_1 | ...] (M, sum N_i), written into `out` when given."""
+    row = 0
+    for base in bases:
+        w, part = base.materialize(dtype), d_all[:, row:row + base.shape[0]]
+        if row == 0:
+            out = part @ w if out is None else torch.mm(part, w, out=out)
+        else:
+            out.addmm_(part, w)
+        row += base.shape[0]
+    return out
 
 
 def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b):
@@ -357,41 +404,92 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
     needed); x_source() is called only when some dA is needed."""
     n = len(bases)
     dAs, dBs, dx = [None] * n, [None] * n, None
-    widths = [base.shape[0] for base in bases]
-    with_lora = [i for i in range(n) if As[i] is not None]
+    with_lora = any(a is not None for a in As)
     dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None      # (M, R): s_i dy_i B_i per column block
     if with_lora and any(need_a):
         # Inline, not kept in a local: x_source() may make x (the MLP's hidden state for down, (M, I)) just for
         # this product, and it must be freed before dx (as large) is allocated below (RESULTS run 17: +128 MiB
         # at Llama-3.2-1B's peak when it was kept).
-        da_all = (dyb.T @ (x_source() if callable(x_source) else x_source)).to(As[with_lora[0]].dtype)  # (R, K)
-        col = 0
-        for i in with_lora:
-            r = As[i].shape[0]
-            if need_a[i]:
-                da = da_all[col:col + r]
-                dAs[i] = da if da.dtype == As[i].dtype else da.to(As[i].dtype)
-            col += r
+        dAs = _split_da(dyb.T @ (x_source() if callable(x_source) else x_source), As, need_a)   # (R, K) stacked
     if with_lora and any(need_b):
-        db_all = d_all.T @ xa_all                                                  # (sum N_i, R)
-        row = col = 0
-        for i in range(n):
-            if As[i] is not None:
-                r = As[i].shape[0]
-                if need_b[i]:
-                    db = db_all[row:row + widths[i], col:col + r]
-                    dBs[i] = torch.mul(db, scales[i], out=torch.empty(db.shape, dtype=Bs[i].dtype, device=db.device))
-                col += r
-            row += widths[i]
+        dBs = _split_db(d_all.T @ xa_all, As, Bs, scales, [base.shape[0] for base in bases], need_b)
     if need_dx:
-        row = 0
-        for base, width in zip(bases, widths):
-            w = base.materialize(dtype)
-            part = d_all[:, row:row + width]
-            dx = part @ w if dx is None else dx.addmm_(part, w)
-            row += width
+        dx = _base_input_grad(d_all, bases, dtype)
         if dyb is not None:
             dx.addmm_(dyb, a_all)
+    return dAs, dBs, dx
+
+
+# Rows of one block of the MLP's backward when its recomputation left gate | up to backward (_mlp_backward_by_rows):
+# the block's rows times I elements per (rows, I) buffer; gate | up and dh (or h, before dh) of a block are 3 such.
+# 2^24 (32 MiB in bf16: 2,048 rows at Llama-3.2-1B's I = 8192, 1,152 at Llama-3.1-8B's 14336) is the value
+# bench/RESULTS.md run 26 chose: see there for the step time and memory of the values tried.
+MLP_BACKWARD_BLOCK_ELEMENTS = 2 ** 24
+
+
+def _row_blocks(m: int, inner: int) -> list:
+    """Row slices of an (m, ...) tensor in blocks of about MLP_BACKWARD_BLOCK_ELEMENTS / inner rows (a multiple of
+    128, cuBLAS's tile height on Hopper, once that large)."""
+    rows = max(1, MLP_BACKWARD_BLOCK_ELEMENTS // inner)
+    rows -= rows % 128 if rows >= 128 else 0
+    return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
+
+
+def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
+                          activation, dtype, need_dx, need_a, need_b):
+    """(dAs, dBs, dx) of the MLP when its forward saved x (M, H) and the rank-r products only (a recomputation for
+    gradient checkpointing whose output is never read): gate | up are made here from x and the saved x A^T, one
+    block of rows at a time (_row_blocks), so the backward holds gate | up and dh of one block instead of the
+    whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
+    recomputation; a 4-bit or 8-bit weight is dequantized for each block (5 per block: gate and up for gate | up,
+    down for dh, gate and up for dx) where the unblocked recomputation and backward take 5 per layer.
+
+    Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
+    activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
+    dA_down and dB_in are sums over blocks (each block's product rounded to the compute dtype once, summed in
+    fp32); dA_in and dB_down are one GEMM each over all rows from the (M, r)-sized factors kept across blocks."""
+    n_in, (m, k), inner = len(in_bases), x2.shape, down_base.shape[1]
+    widths = [base.shape[0] for base in in_bases]
+    in_lora, down_lora = a_all is not None, a_down is not None
+    need_dh = need_dx or any(need_a[:n_in]) or any(need_b[:n_in])
+    dyb_down = dy2 @ b_down if down_lora and (need_dh or need_a[n_in]) else None        # (M, r_d)
+    dyb_in = torch.empty(m, a_all.shape[0], dtype=dtype, device=x2.device) \
+        if in_lora and need_dh and (need_dx or any(need_a[:n_in])) else None            # (M, R)
+    da_down = torch.zeros(a_down.shape, dtype=torch.float32, device=x2.device) \
+        if down_lora and need_a[n_in] else None                                            # (r_d, I)
+    db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
+        if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
+    dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
+    for rows in _row_blocks(m, inner):
+        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
+                        side_by_side=True)
+        gate, up = y_in.chunk(2, dim=-1)
+        if da_down is not None:
+            da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
+        if not need_dh:
+            continue
+        dh = _base_input_grad(dy2[rows], [down_base], dtype)
+        if dyb_down is not None:
+            dh.addmm_(dyb_down[rows], a_down)
+        activation_backward(dh, gate, up, activation, inplace=True)   # y_in now holds dgate | dup
+        del dh
+        if db_in is not None:
+            db_in += y_in.T @ xa_all[rows]
+        if dyb_in is not None:
+            torch.mm(y_in, b_bd, out=dyb_in[rows])
+        if need_dx:
+            _base_input_grad(y_in, in_bases, dtype, out=dx[rows])
+            if dyb_in is not None:
+                dx[rows].addmm_(dyb_in[rows], a_all)
+    dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
+    if dyb_in is not None and any(need_a[:n_in]):
+        dAs[:n_in] = _split_da(dyb_in.T @ x2, As[:n_in], need_a[:n_in])
+    if db_in is not None:
+        dBs[:n_in] = _split_db(db_in, As[:n_in], Bs[:n_in], scales[:n_in], widths, need_b[:n_in])
+    if da_down is not None:
+        dAs[n_in] = da_down.to(As[n_in].dtype)
+    if down_lora and need_b[n_in]:
+        dBs[n_in] = _split_db(dy2.T @ ha, As[n_in:], Bs[n_in:], scales[n_in:], [down_base.shape[0]], [True])[0]
     return dAs, dBs, dx
 
 
@@ -410,7 +508,7 @@ class _ProjectionsFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, len(bases))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            ys, xa_all, a_all, b_bd = _forward_group(x2, x2, bases, As, Bs, scales, dtype)
+            ys, xa_all, a_all, b_bd = _forward_group(x2, bases, As, Bs, scales, dtype)
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scales, dtype, x.shape, x.dtype
         ctx.save_for_backward(x2, xa_all, a_all, b_bd, *adapters)   # None where there is no LoRA
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
@@ -470,35 +568,54 @@ class _MLPFn(torch.autograd.Function):
         As, Bs = _pairs(adapters, n_in + 1)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            y_in, xa_all, a_all, b_bd = _forward_group(x2, x2, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype,
-                                                       side_by_side=True)
-            gate, up = y_in.chunk(2, dim=-1)
-            # Skipping the output, h is needed only for h A_down^T, which the recomputation finds in the memo.
-            h = (lambda: activation_forward(gate, up, activation)) if skip_output else \
-                activation_forward(gate, up, activation)
-            (y,), ha, a_down, b_down = _forward_group(h, x2, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype,
-                                                      skip_outputs=skip_output)
+            m = x2.shape[0]
+            xa_all, a_all, b_bd = _lora_terms(x2, m, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+            made = {}
+
+            def hidden():  # h = act(gate, up) (M, I), making (and keeping) gate | up (M, 2I) first
+                made["y_in"] = y_in = _project(x2, in_bases, As[:n_in], xa_all, b_bd, dtype, side_by_side=True)
+                return activation_forward(*y_in.chunk(2, dim=-1), activation)
+
+            if skip_output:
+                # A recomputation whose output is never read: h A_down^T is the forward's (from the memo; hidden()
+                # runs only when it is not there) and gate | up are left to backward, made there a block of rows
+                # at a time (_mlp_backward_by_rows).
+                ha, a_down, b_down = _lora_terms(hidden, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
+                y = torch.empty(m, down_base.shape[0], dtype=dtype, device=x2.device)
+            else:
+                h = hidden()
+                ha, a_down, b_down = _lora_terms(h, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
+                (y,) = _project(h, [down_base], As[n_in:], ha, b_down, dtype)
+                del h
+            y_in = made.get("y_in")  # None: backward makes gate | up by blocks of rows
         ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
         ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
-        ctx.save_for_backward(x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *adapters)
+        ctx.save_for_backward(x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *adapters)  # y_in may be None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.inplace and ctx.used:
+        x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *rest = ctx.saved_tensors
+        if ctx.inplace and ctx.used and y_in is not None:
             raise RuntimeError("fastlm's fused LoRA MLP overwrote its saved activations during the first backward "
                                "(in-place, to save memory); it cannot be backpropagated twice (retain_graph=True).")
         ctx.used = True
         n_in = len(ctx.in_bases)
-        x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *rest = ctx.saved_tensors
         As, Bs = _pairs(rest, n_in + 1)
         need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
         need_a = [need[7 + 2 * i] for i in range(n_in + 1)]
         need_b = [need[8 + 2 * i] for i in range(n_in + 1)]
         need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
         with torch.autocast(x2.device.type, enabled=False):
-            gate, up = y_in.chunk(2, dim=-1)
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+            if y_in is None:
+                dAs, dBs, dx = _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, ctx.in_bases,
+                                                     ctx.down_base, As, Bs, scales, ctx.activation, dtype, need[0],
+                                                     need_a, need_b)
+                grads = [g for pair in zip(dAs, dBs) for g in pair]
+                dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
+                return (dx, None, None, None, None, None, None, *grads)
+            gate, up = y_in.chunk(2, dim=-1)
             # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
             # activation backward below overwrites them).
             (dA_down,), (dB_down,), dh = _backward_group(

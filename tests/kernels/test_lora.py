@@ -228,8 +228,12 @@ def test_bad_shapes_raise(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_in", [1, 2])
-def test_mlp_bf16_gpu(n_in):
-    """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is."""
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
+    """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is. recomputed:
+    the node of a checkpointing recomputation whose backward makes gate | up by blocks of 96 rows (258 rows: the
+    last block shorter)."""
+    monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", 96 * 704)
     gen = torch.Generator().manual_seed(0)
     h, i = 256, 704
     x = torch.randn(2, 129, h, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
@@ -238,7 +242,12 @@ def test_mlp_bf16_gpu(n_in):
     in_loras = [_lora(wd, h, 16, "cuda", gen) for wd in widths]
     down, down_lora = _dense(h, i, torch.bfloat16, "cuda", gen=gen), _lora(h, i, 16, "cuda", gen)
     params = _params(x, in_loras + [down_lora])
-    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu")
+    memo = {}
+    with op.reuse_casts(memo):
+        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
+    if recomputed:
+        with op.reuse_casts(memo, recomputing=True):
+            y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
     up = torch.randn(y.shape, generator=gen).to("cuda", torch.bfloat16)
     got = _grads([y], params, [up])
     ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, "silu")
@@ -249,7 +258,8 @@ def test_mlp_bf16_gpu(n_in):
     exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
     # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged
     # at bf16 precision.
-    _close(y, ref, exact, torch.bfloat16, "y")
+    if not recomputed:  # a recomputation's output is left unset
+        _close(y, ref, exact, torch.bfloat16, "y")
     for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
         _close(g, r, e, torch.bfloat16, f"grad{j}")
 
@@ -334,3 +344,57 @@ def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
         assert torch.equal(y_recomputed, y_normal)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
+@pytest.mark.parametrize("block_elements", [7 * 40, 1 << 20])
+def test_mlp_recomputation_leaves_gate_up_to_backward_by_row_blocks(activation, n_in, with_lora, block_elements,
+                                                                    device, monkeypatch):
+    """A recomputation (after the forward pass filled the memo) of an MLP whose output only feeds the residual sum
+    saves no gate | up: backward makes them from x and the saved x A^T by blocks of rows (7 rows here, the last of
+    the 15 shorter; or one block). Its gradients are those of the plain node to fp32 rounding (the same products,
+    dA_down and dB of gate/up summed over blocks in another order: the tolerance of this file), each block
+    materializing down once and each in-projection twice (gate | up, then dx)."""
+    monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", block_elements)
+    gen = torch.Generator().manual_seed(6)
+    h, i = 24, 40
+    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+    in_bases = [_CountingWeight(_dense(wd, h, torch.float32, device, gen=gen).weight) for wd in widths]
+    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
+    down = _CountingWeight(_dense(h, i, torch.float32, device, gen=gen).weight)
+    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    params = _params(x, in_loras + [down_lora])
+    upstream = torch.randn(3, 5, h, generator=gen).to(device)
+
+    def run():
+        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+        return _grads([y], params, [upstream])
+
+    memo = {}
+    with op.reuse_casts(memo):
+        expected = run()
+    counts = [b.calls for b in in_bases + [down]]
+    with op.reuse_casts(memo, recomputing=True):
+        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+    assert [b.calls for b in in_bases + [down]] == counts  # nothing projected in the recomputation
+    got = _grads([y], params, [upstream])
+    blocks = 3 if block_elements == 7 * 40 else 1
+    assert [b.calls - c for b, c in zip(in_bases + [down], counts)] == [2 * blocks] * n_in + [blocks]
+    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
+    ref_grads = _grads([ref], params, [upstream])
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
+    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
+    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
+    for j, (g, e, r, ex) in enumerate(zip(got, expected, ref_grads, exact_grads)):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        _close(g, r, ex, torch.float32, f"grad{j}")
+
+
+def test_mlp_row_blocks():
+    """Blocks of MLP_BACKWARD_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
+    assert op._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]
+    assert [b.stop - b.start for b in op._row_blocks(4096, 14336)] == [1152, 1152, 1152, 640]
+    assert op._row_blocks(5, 1 << 30) == [slice(i, i + 1) for i in range(5)]
+    assert op._row_blocks(300, 1 << 16) == [slice(0, 256), slice(256, 300)]
