@@ -55,16 +55,17 @@ from fastlm.kernels.nf4 import dequantize_nf4, reference_torch
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
-_workspaces = {}  # (dtype, device) -> flat tensor: the dequantized frozen weight of the moment
+_workspaces = {}  # (dtype, device, slot) -> flat tensor: the dequantized frozen weight of the moment
 
 
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def workspace(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
     """A flat buffer of at least `numel` elements, shared by every quantized weight of this dtype/device.
 
-    Shared by all shapes (not one per shape): one step never needs two dequantized weights at once, so
-    the largest weight's size is all the memory this takes (Llama-3.1-8B: 14336 x 4096 bf16 = 112 MiB).
+    Shared by all shapes (not one per shape): one projection never needs two dequantized weights at once, so
+    the largest weight's size is all the memory this takes (Llama-3.1-8B: 14336 x 4096 bf16 = 112 MiB). The MLP's
+    backward by blocks of rows holds its gate, up and down weights at once: slots 1 and 2 (as large again each).
     """
-    key = (dtype, torch.device(device))
+    key = (dtype, torch.device(device), slot)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
         _workspaces.pop(key, None)
@@ -84,7 +85,8 @@ class DenseWeight:
         self.weight, self.bias = weight, bias
         self.shape = tuple(weight.shape)
 
-    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+    def materialize(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        """The weight (N, K) in `dtype` (slot: see workspace(); a 16-bit weight needs none)."""
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
 
@@ -99,9 +101,9 @@ class NF4Weight:
         self.packed, self.quant_state, self.bias = packed, quant_state, bias
         self.shape = tuple(quant_state.shape)
 
-    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+    def materialize(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         n, k = self.shape
-        out = workspace(n * k, self.quant_state.dtype, self.packed.device).view(n, k)
+        out = workspace(n * k, self.quant_state.dtype, self.packed.device, slot).view(n, k)
         if self.packed.is_cuda:
             w = dequantize_nf4(self.packed, self.quant_state, out=out)
         else:  # the interpreter would take minutes per step on a real model; bnb's C++ CPU kernel is the definition
@@ -128,9 +130,9 @@ class Int8Weight:
         self.CB, self.SCB, self.bias = CB, SCB, bias
         self.shape = tuple(CB.shape)
 
-    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+    def materialize(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         n, k = self.shape
-        out = workspace(n * k, dtype, self.CB.device).view(n, k)
+        out = workspace(n * k, dtype, self.CB.device, slot).view(n, k)
         # int8 * fp32 computes in fp32 and casts once into `out`: no fp32 (N, K) temporary.
         return torch.mul(self.CB, (self.SCB.float() / 127.0).unsqueeze(1), out=out)
 
@@ -324,16 +326,16 @@ def _lora_terms(x_source, m: int, bases, As, Bs, scales, dtype):
     return xa_all, a_all, b_bd
 
 
-def _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side=False):
+def _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side=False, weights=None):
     """y_i = x W_i^T (+ b_i) + (x A_i^T) (s_i B_i)^T for the projections of x (M, K), given _lora_terms' xa_all and
     b_bd (None without LoRA). side_by_side: write them into one (M, sum N_i) tensor (gate | up) and add their LoRA
     terms with one GEMM through the block-diagonal s B; else a list of (M, N_i) tensors (q, k, v), each LoRA term
-    added from its block."""
+    added from its block. weights: the bases already materialized (else materialized here, one after another)."""
     m, widths = x2.shape[0], [base.shape[0] for base in bases]
     y_all = torch.empty(m, sum(widths), dtype=dtype, device=x2.device) if side_by_side else None
     ys, row, col = [], 0, 0
     for i, (base, n) in enumerate(zip(bases, widths)):
-        w = base.materialize(dtype)
+        w = base.materialize(dtype) if weights is None else weights[i]
         out = None if y_all is None else y_all[:, row:row + n]   # row stride sum N_i: cuBLAS writes it in place
         if base.bias is None:
             y = torch.mm(x2, w.T, out=out) if out is not None else x2 @ w.T
@@ -383,11 +385,13 @@ def _split_db(db_all, As, Bs, scales, widths, need_b) -> list:
     return dBs
 
 
-def _base_input_grad(d_all, bases, dtype, out=None):
-    """sum_i d_i W_i (M, K) for d_all = [d_0 | d_1 | ...] (M, sum N_i), written into `out` when given."""
+def _base_input_grad(d_all, bases, dtype, out=None, weights=None):
+    """sum_i d_i W_i (M, K) for d_all = [d_0 | d_1 | ...] (M, sum N_i), written into `out` when given; weights: the
+    bases already materialized."""
     row = 0
-    for base in bases:
-        w, part = base.materialize(dtype), d_all[:, row:row + base.shape[0]]
+    for i, base in enumerate(bases):
+        w = base.materialize(dtype) if weights is None else weights[i]
+        part = d_all[:, row:row + base.shape[0]]
         if row == 0:
             out = part @ w if out is None else torch.mm(part, w, out=out)
         else:
@@ -441,8 +445,10 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     gradient checkpointing whose output is never read): gate | up are made here from x and the saved x A^T, one
     block of rows at a time (_row_blocks), so the backward holds gate | up and dh of one block instead of the
     whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
-    recomputation; a 4-bit or 8-bit weight is dequantized for each block (5 per block: gate and up for gate | up,
-    down for dh, gate and up for dx) where the unblocked recomputation and backward take 5 per layer.
+    recomputation. The three weights are materialized once for all blocks (4-bit and 8-bit ones into workspace
+    slots 0-2: 3 dequantizations per layer and step where the recomputation and backward of the unblocked node
+    take 5); dequantized again for each block instead, they cost 1.2 ms per extra block per step at Llama-3.2-1B
+    QLoRA (bench/RESULTS.md run 26).
 
     Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
     activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
@@ -460,15 +466,18 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
         if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
     dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
+    # Each weight materialized once for all blocks, gate and up into workspace slots of their own.
+    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+    down_weight = down_base.materialize(dtype) if need_dh else None
     for rows in _row_blocks(m, inner):
         y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                        side_by_side=True)
+                        side_by_side=True, weights=in_weights)
         gate, up = y_in.chunk(2, dim=-1)
         if da_down is not None:
             da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
         if not need_dh:
             continue
-        dh = _base_input_grad(dy2[rows], [down_base], dtype)
+        dh = _base_input_grad(dy2[rows], [down_base], dtype, weights=[down_weight])
         if dyb_down is not None:
             dh.addmm_(dyb_down[rows], a_down)
         activation_backward(dh, gate, up, activation, inplace=True)   # y_in now holds dgate | dup
@@ -478,7 +487,7 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
         if dyb_in is not None:
             torch.mm(y_in, b_bd, out=dyb_in[rows])
         if need_dx:
-            _base_input_grad(y_in, in_bases, dtype, out=dx[rows])
+            _base_input_grad(y_in, in_bases, dtype, out=dx[rows], weights=in_weights)
             if dyb_in is not None:
                 dx[rows].addmm_(dyb_in[rows], a_all)
     dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
