@@ -221,7 +221,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, softcap=None,
                                logit_scale=None, shift_labels=False, num_items_in_batch=None,
-                               reduction="mean", *, chunk_bytes=DEFAULT_CHUNK_BYTES, chunk_rows=None):
+                               reduction="mean", *, chunk_bytes=None, chunk_rows=None):
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, never holding all the logits.
 
     Args:
@@ -234,7 +234,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         num_items_in_batch: int or tensor; when given, loss = sum / num_items_in_batch (transformers'
             gradient-accumulation convention) whatever `reduction` says.
         reduction: "mean" (over valid rows; NaN when there are none, like PyTorch) or "sum".
-        chunk_bytes / chunk_rows: memory cap of one chunk's logits, or rows per chunk (tests).
+        chunk_bytes / chunk_rows: memory cap of one chunk's logits (default DEFAULT_CHUNK_BYTES, read at the
+            call), or rows per chunk (tests).
     Returns:
         0-dim fp32 loss, differentiable w.r.t. hidden, weight and bias.
     """
@@ -258,7 +259,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     else:
         denom = torch.ones((), device=hidden.device, dtype=torch.float32)
     rows = max(1, chunk_rows or _rows_per_chunk(labels.numel(), weight.shape[0], weight.element_size(),
-                                                 chunk_bytes))
+                                                 chunk_bytes or DEFAULT_CHUNK_BYTES))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         # loss only (evaluation): the kernel skips the gradient pass and no gradient matmul runs
         h = hidden.reshape(-1, hidden.shape[-1]).contiguous()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call: fastlm's training step for each "shape:variant:batch:extra-args" entry of $RUNS (extra args
+# with commas for spaces, e.g. 1b:qlora:4:--ce-chunk-mib,128; "hf" as extra args runs HF + PEFT instead), one
+# process each. Results come back as $OUT/results.tgz.
+source bench/gpu_env.sh
+i=0
+for entry in $RUNS; do
+  IFS=: read shape variant batch extra <<< "$entry"
+  extra=${extra//,/ }
+  if [ "$extra" = hf ]; then args="--impls hf"; else args="--impls fastlm $extra"; fi
+  i=$((i + 1))
+  timeout ${RUN_S:-100} python3 bench/train_step.py --out $RES/run$i --shape $shape --variants $variant \
+    --batch $batch --steps ${STEPS:-8} $args > $RES/run$i.log 2>&1
+  echo "$i $entry $(grep '^{' $RES/run$i.log | cut -c1-700)"; grep -E "Error" $RES/run$i.log | tail -n 3 | cut -c1-300
+  tar czf $OUT/results.tgz -C $RES .
+done
