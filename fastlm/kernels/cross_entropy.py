@@ -28,13 +28,12 @@ import triton.language as tl
 
 from fastlm.kernels._utils import next_power_of_2, num_warps_for, use_triton
 
-# Memory cap of one chunk's logits buffer. Rule: at Llama-3 shapes (16384 tokens, vocab 128256, bf16)
-# the extra memory is this buffer (256 MiB -> 1024 rows) + grad_h (16384 x 4096 bf16 = 128 MiB) + row
-# losses (64 KiB) ~ 384 MiB, inside the 512 MB target. Larger chunks would not help: at 1024 rows the
-# grad_W update (K = 1024) already does 2*1024 flops per byte of grad_W read+written, far above the
-# H200's ~200 flop/byte ridge, and the logits GEMM has ~8000 128x128 output tiles. Chosen by rule; to be
-# measured on the H200 (try 128 and 512 MiB).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Memory cap of one chunk's logits buffer: 128 MiB (512 rows at vocab 128256, bf16), measured on the H200
+# (bench/RESULTS.md run 28, Llama-3.2-1B QLoRA batch 4, 8192 tokens, one process per value, same call): 256 MiB
+# 131.2 ms/step, timed peak 1.83 GiB allocated / 2.50 reserved; 128 MiB 131.2 ms, 1.71 / 2.38; 64 MiB 133.5 ms,
+# 1.65 / 2.34. Below 128 MiB the logits GEMMs and the split-K grad_h GEMMs (K = vocab) get too short to run at
+# full speed; above it the buffer is memory at the step's peak for no speed.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
 # Rows per chunk are rounded to a multiple of this (the M tile of cuBLAS' large bf16 kernels), so no
 # chunk pays for a ragged last M tile except the final one. Chosen by rule; to be measured on the H200.
 ROW_ALIGN = 128

@@ -199,11 +199,12 @@ def test_cpu_fallback_is_reference(monkeypatch):
 
 
 def test_chunk_rule():
-    # Llama-3 shapes: 256 MiB / (128256 x 2 bytes) = 1046 rows -> 1024 (a multiple of 128); extra memory
+    # Llama-3 shapes: 128 MiB / (128256 x 2 bytes) = 523 rows -> 512 (a multiple of 128); extra memory
     # = logits chunk + grad_h (16384 x 4096 bf16) stays under 512 MB.
     rows = ce._rows_per_chunk(16384, 128256, 2, ce.DEFAULT_CHUNK_BYTES)
-    assert rows == 1024 and rows * 128256 * 2 + 16384 * 4096 * 2 < 512e6
-    assert ce._rows_per_chunk(1100, 128256, 2, ce.DEFAULT_CHUNK_BYTES) == 640  # balanced: 640 + 460
+    assert rows == 512 and rows * 128256 * 2 + 16384 * 4096 * 2 < 512e6
+    assert ce._rows_per_chunk(1100, 128256, 2, 2 * ce.DEFAULT_CHUNK_BYTES) == 640  # balanced: 640 + 460
+    assert ce._rows_per_chunk(1100, 128256, 2, ce.DEFAULT_CHUNK_BYTES) == 384  # balanced: 384 + 384 + 332
     assert ce._rows_per_chunk(10, 128256, 2, ce.DEFAULT_CHUNK_BYTES) == 10
     assert ce._rows_per_chunk(100, 1000, 4, 4000 * 7) == 7  # tiny caps: no rounding to 128
 
