@@ -422,10 +422,10 @@ def test_adapter_directory_loaded_by_fastlm_takes_fused_path(tiny_checkpoint, tm
 @pytest.mark.parametrize("block_elements", [None, 7 * 128])
 def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tiny_checkpoint, monkeypatch):
     """FastLanguageModel's default training setup (fast path, fused LoRA, use_gradient_checkpointing="unsloth",
-    whose recomputation leaves the MLP's gate | up to backward, made there by blocks of rows, where the family's
-    MLP feeds the residual sum: llama yes, gemma2 no) gives the loss and LoRA gradients of the same model without
-    checkpointing; block_elements 7 * 128 (the tiny intermediate size is 128) cuts each MLP backward into blocks of
-    7 rows, the last one shorter."""
+    whose first pass runs the MLP by blocks of rows and whose recomputation leaves the MLP's gate | up to backward,
+    made there by blocks of rows too, where the family's MLP feeds the residual sum: llama yes, gemma2 no) gives the
+    loss and LoRA gradients of the same model without checkpointing; block_elements 7 * 128 (the tiny intermediate
+    size is 128) cuts the rows into blocks of 7, the last one shorter."""
     from fastlm import FastLanguageModel
     from fastlm.kernels import lora as lora_op
     from fastlm.training.checkpointing import set_gradient_checkpointing
@@ -447,12 +447,14 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
     monkeypatch.setattr(lora_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
     offloaded = _loss_and_grads(model.train(), batch)[:2]
     layers, rows = model.config.num_hidden_layers, batch["input_ids"].numel()
-    assert len(blocks) == (layers if model_type == "llama" else 0)  # one row-blocked MLP backward per layer
+    # Row blocks per layer: the first pass (no_grad: every family), and the backward where the recomputation left
+    # gate | up to it (llama).
+    assert len(blocks) == layers * (2 if model_type == "llama" else 1)
     per_layer = -(-rows // 7) if block_elements else 1
     assert all(len(b) == per_layer and b[-1].stop == rows for b in blocks)
-    # h = act(gate) * up per layer: forward, recomputation (not where the down projection is skipped and h A_down^T
-    # comes from the forward's memo), and backward (for dA of down: once per block of rows).
-    assert len(activations) == layers * ((1 + per_layer) if model_type == "llama" else 3)
+    # h = act(gate) * up per layer: first pass (per block), recomputation (not where the down projection is skipped
+    # and h A_down^T comes from the first pass's memo), and backward (for dA of down; per block where blocked).
+    assert len(activations) == layers * (2 * per_layer if model_type == "llama" else per_layer + 2)
     set_gradient_checkpointing(model, False)
     _compare_models(_loss_and_grads(model, batch)[:2], offloaded)
 

@@ -31,7 +31,8 @@ Under gradient checkpointing the trade is another: the recomputation runs the ML
 for backward, right before it, so making gate and up there or in backward costs the same FLOPs. There
 (`output_feeds_residual`, in a `reuse_casts(..., recomputing=True)` block) the node saves x only, and
 backward makes gate | up by blocks of rows (`_mlp_backward_by_rows`), holding 3 x (M_b, I) instead of
-3 x (M, I): at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB.
+3 x (M, I): at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB. The first pass (autograd off) runs by blocks of
+rows as well (`_mlp_forward_by_rows`).
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
 fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
@@ -259,15 +260,18 @@ def _memoized(key, sources, make):
 _OCCURRENCES = "occurrences"
 
 
-def _lora_input_product(x_source, a_all, As, m: int):
+def _lora_input_product(x_source, a_all, As, m: int, made=None):
     """x A_all^T (M, R): made by the forward pass and kept in the memo, taken again by the recomputation.
 
     The recomputation sees the same input as the forward (recomputed from the same saved layer input by the same
     kernels), so the product is the same; reusing it saves one skinny GEMM per group and recomputation (up to
     three launches under cuBLAS's split-K). Calls are told apart by how many times this group has been called in
     the pass, so a layer that called one group twice would still pair each call with its own product.
-    x_source: the input (M, K), or a function returning it (called only when the product is made)."""
+    x_source: the input (M, K), or a function returning it (called only when the product is made); made: the
+    product itself, already computed (the MLP's forward by blocks of rows), to be kept."""
     def make():
+        if made is not None:
+            return made
         x = x_source() if callable(x_source) else x_source
         return x @ a_all.T
     memo, recomputing = _active_memo()
@@ -426,8 +430,12 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
 
 # Rows of one block of the MLP's backward when its recomputation left gate | up to backward (_mlp_backward_by_rows):
 # the block's rows times I elements per (rows, I) buffer; gate | up and dh (or h, before dh) of a block are 3 such.
-# 2^24 (32 MiB in bf16: 2,048 rows at Llama-3.2-1B's I = 8192, 1,152 at Llama-3.1-8B's 14336) is the value
-# bench/RESULTS.md run 26 chose: see there for the step time and memory of the values tried.
+# 2^24 (32 MiB in bf16: 2,048 rows at Llama-3.2-1B's I = 8192, 1,152 at Llama-3.1-8B's 14336), measured on the H200
+# (bench/RESULTS.md runs 27-29, one process per value, graphs on): Llama-3.2-1B QLoRA batch 4, ms/step and the
+# layer graphs' pool: one block (2^30) 128.3 ms, 0.69 GiB; 2^25 130.8, 0.57; 2^24 131.6, 0.53; 2^23 132.5, 0.53
+# (below 2^24 the pool's peak is elsewhere in the layer). LoRA bf16: 127.7 vs 128.7 ms (+0.8%); Llama-3.1-8B QLoRA
+# batch 2: 348.6 vs 355.2 ms (+1.9%), pool 0.74 vs 0.59 GiB. 2^24 buys 0.16 GiB at 1B (what the 1B targets of
+# issue 4 need) for 1-3% of step time.
 MLP_BACKWARD_BLOCK_ELEMENTS = 2 ** 24
 
 
@@ -447,8 +455,8 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
     recomputation. The three weights are materialized once for all blocks (4-bit and 8-bit ones into workspace
     slots 0-2: 3 dequantizations per layer and step where the recomputation and backward of the unblocked node
-    take 5); dequantized again for each block instead, they cost 1.2 ms per extra block per step at Llama-3.2-1B
-    QLoRA (bench/RESULTS.md run 26).
+    take 5); dequantized again for each block instead, they cost about 1.4 ms per extra block per step at
+    Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
 
     Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
     activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
@@ -642,6 +650,45 @@ class _MLPFn(torch.autograd.Function):
         return (dx, None, None, None, None, None, None, *grads)
 
 
+def _mlp_forward_by_rows(x, in_bases, loras, down_base, activation):
+    """lora_mlp's output where nothing is differentiated (autograd off: the first pass of gradient checkpointing),
+    computed a block of rows at a time (_row_blocks): gate | up and h of one block, 3 x (M_b, I), instead of the
+    whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB: the largest working set in the layer graphs'
+    pool, bench/RESULTS.md run 31). The weights are materialized once (gate and up into workspace slots 1, 2). The
+    products x A^T and h A_down^T go into the memo, as the autograd node's forward leaves them for the
+    recomputation."""
+    dtype, n_in = _compute_dtype(x), len(in_bases)
+    As, Bs, scales = [lo.A if lo else None for lo in loras], [lo.B if lo else None for lo in loras], \
+        [lo.scale if lo else 0.0 for lo in loras]
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        (m, _), (hidden, inner) = x2.shape, down_base.shape
+        xa_all, _, b_bd = _lora_terms(x2, m, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+        in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+        down_weight = down_base.materialize(dtype)
+        down_lora = loras[n_in]
+        if down_lora is not None:
+            a_down = _stacked_a([down_lora.A], dtype)                                             # (r, I)
+            b_down = _block_diagonal_b([down_lora.B], [down_lora.scale], [hidden], [a_down.shape[0]], dtype)
+            ha = torch.empty(m, a_down.shape[0], dtype=dtype, device=x2.device)                  # (M, r)
+        y = torch.empty(m, hidden, dtype=dtype, device=x2.device)
+        for rows in _row_blocks(m, inner):
+            y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
+                            side_by_side=True, weights=in_weights)
+            h = activation_forward(*y_in.chunk(2, dim=-1), activation)
+            del y_in
+            if down_base.bias is None:
+                torch.mm(h, down_weight.T, out=y[rows])
+            else:
+                torch.addmm(down_base.bias.to(dtype), h, down_weight.T, out=y[rows])
+            if down_lora is not None:
+                torch.mm(h, a_down.T, out=ha[rows])
+                y[rows].addmm_(ha[rows], b_down.T)
+        if down_lora is not None:
+            _lora_input_product(None, a_down, [down_lora.A], m, made=ha)  # kept for the recomputation
+    return y.view(*x.shape[:-1], hidden)
+
+
 def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[LoRA]], down_base,
              down_lora: Optional[LoRA], activation: str, inplace_backward: bool = True,
              output_feeds_residual: bool = False) -> torch.Tensor:
@@ -658,7 +705,9 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
             value is never read: its down-projection (dequantization, GEMM, LoRA term) is skipped there and
             the result left unset, while everything backward needs is still saved. Off by default.
     Returns:
-        (..., H) in the compute dtype (unset values in a recomputation with output_feeds_residual).
+        (..., H) in the compute dtype (unset values in a recomputation with output_feeds_residual). With autograd
+        off (gradient checkpointing's first pass) no node is made and the output is computed by blocks of rows
+        (_mlp_forward_by_rows).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -670,6 +719,8 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
         raise ValueError(f"MLP shapes do not fit: x (..., {x.shape[-1]}), in {[b.shape for b in in_bases]}, "
                          f"down {down_base.shape}")
     loras = list(in_loras) + [down_lora]
+    if not torch.is_grad_enabled():
+        return _mlp_forward_by_rows(x, list(in_bases), loras, down_base, activation)
     scales = [lo.scale if lo else 0.0 for lo in loras]
     skip_output = output_feeds_residual and _recomputing()
     return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output,

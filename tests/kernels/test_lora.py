@@ -231,8 +231,8 @@ def test_bad_shapes_raise(device):
 @pytest.mark.parametrize("recomputed", [False, True])
 def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is. recomputed:
-    the node of a checkpointing recomputation whose backward makes gate | up by blocks of 96 rows (258 rows: the
-    last block shorter)."""
+    gradient checkpointing's passes, by blocks of 96 rows (258 rows: the last block shorter): the first under
+    no_grad, then the recomputation's node, whose backward makes gate | up by blocks."""
     monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", 96 * 704)
     gen = torch.Generator().manual_seed(0)
     h, i = 256, 704
@@ -243,8 +243,8 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     down, down_lora = _dense(h, i, torch.bfloat16, "cuda", gen=gen), _lora(h, i, 16, "cuda", gen)
     params = _params(x, in_loras + [down_lora])
     memo = {}
-    with op.reuse_casts(memo):
-        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
+    with op.reuse_casts(memo), torch.set_grad_enabled(not recomputed):
+        y = y_first = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
     if recomputed:
         with op.reuse_casts(memo, recomputing=True):
             y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
@@ -258,8 +258,7 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
     # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged
     # at bf16 precision.
-    if not recomputed:  # a recomputation's output is left unset
-        _close(y, ref, exact, torch.bfloat16, "y")
+    _close(y_first, ref, exact, torch.bfloat16, "y")  # (a recomputation's output is left unset)
     for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
         _close(g, r, e, torch.bfloat16, f"grad{j}")
 
@@ -348,13 +347,15 @@ def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
 
 @pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
 @pytest.mark.parametrize("block_elements", [7 * 40, 1 << 20])
-def test_mlp_recomputation_leaves_gate_up_to_backward_by_row_blocks(activation, n_in, with_lora, block_elements,
-                                                                    device, monkeypatch):
-    """A recomputation (after the forward pass filled the memo) of an MLP whose output only feeds the residual sum
-    saves no gate | up: backward makes them from x and the saved x A^T by blocks of rows (7 rows here, the last of
-    the 15 shorter; or one block). Its gradients are those of the plain node to fp32 rounding (the same products,
-    dA_down and dB of gate/up summed over blocks in another order: the tolerance of this file), each weight
-    materialized once by the backward, for all blocks."""
+@pytest.mark.parametrize("first_pass", ["autograd", "no_grad"])
+def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, block_elements, first_pass, device,
+                                               monkeypatch):
+    """Gradient checkpointing's two passes over an MLP whose output only feeds the residual sum, in blocks of 7 rows
+    (the last of the 15 shorter) or one block. The first pass fills the memo: under no_grad (as checkpointing runs
+    it) the output is computed by blocks of rows, equal to the autograd node's. The recomputation saves no gate |
+    up and projects nothing; its backward makes gate | up by blocks, materializing each weight once. Outputs and
+    gradients are those of the plain definition to fp32 rounding (the same products; dA_down and dB of gate/up
+    summed over blocks in another order: the tolerance of this file)."""
     monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", block_elements)
     blocks, row_blocks = [], op._row_blocks
     monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
@@ -368,30 +369,29 @@ def test_mlp_recomputation_leaves_gate_up_to_backward_by_row_blocks(activation, 
     down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
     params = _params(x, in_loras + [down_lora])
     upstream = torch.randn(3, 5, h, generator=gen).to(device)
-
-    def run():
-        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
-        return _grads([y], params, [upstream])
+    expected_blocks = [(0, 7), (7, 14), (14, 15)] if block_elements == 7 * 40 else [(0, 15)]
 
     memo = {}
-    with op.reuse_casts(memo):
-        expected = run()
+    with op.reuse_casts(memo), torch.set_grad_enabled(first_pass == "autograd"):
+        y_first = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+    assert len(blocks) == (first_pass == "no_grad") and all(len(b) == len(expected_blocks) for b in blocks)
+    blocks.clear()
     counts = [b.calls for b in in_bases + [down]]
     with op.reuse_casts(memo, recomputing=True):
         y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
     assert [b.calls for b in in_bases + [down]] == counts  # nothing projected in the recomputation
     got = _grads([y], params, [upstream])
     assert [b.calls - c for b, c in zip(in_bases + [down], counts)] == [1] * (n_in + 1)
-    assert [[(r.start, r.stop) for r in b] for b in blocks] == \
-        [[(0, 7), (7, 14), (14, 15)] if block_elements == 7 * 40 else [(0, 15)]]
+    assert [[(r.start, r.stop) for r in b] for b in blocks] == [expected_blocks]
     ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
     ref_grads = _grads([ref], params, [upstream])
     x64 = x.detach().double().requires_grad_()
     loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
     exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
     exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
-    for j, (g, e, r, ex) in enumerate(zip(got, expected, ref_grads, exact_grads)):
-        assert g.shape == e.shape and g.dtype == e.dtype
+    _close(y_first, ref, exact, torch.float32, "y")
+    for j, (g, r, ex) in enumerate(zip(got, ref_grads, exact_grads)):
+        assert g.shape == r.shape and g.dtype == r.dtype
         _close(g, r, ex, torch.float32, f"grad{j}")
 
 
