@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests ($TESTS); then fastlm's training step at 1B QLoRA batch 4 for each
-# MLP_BACKWARD_BLOCK_ELEMENTS = 2^N in $BLOCKS (30: one block, the whole batch's rows) and HF + PEFT, one process
+# MLP_ROW_BLOCK_ELEMENTS = 2^N in $BLOCKS (30: one block, the whole batch's rows) and HF + PEFT, one process
 # each; bench/memory_peak.py with the default block. Results come back as $OUT/results.tgz.
 source bench/gpu_env.sh
 if [ -n "${TESTS:-}" ]; then

@@ -168,9 +168,9 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
         from fastlm.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
-        from fastlm.kernels.lora import MLP_BACKWARD_BLOCK_ELEMENTS
+        from fastlm.kernels.lora import MLP_ROW_BLOCK_ELEMENTS
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
-                   mlp_block_elements=MLP_BACKWARD_BLOCK_ELEMENTS, ce_chunk_mib=DEFAULT_CHUNK_BYTES // 2**20,
+                   mlp_block_elements=MLP_ROW_BLOCK_ELEMENTS, ce_chunk_mib=DEFAULT_CHUNK_BYTES // 2**20,
                    layer_graphs=graphs.captured() if graphs is not None else 0,
                    graph_pool_gib=round(sum(pools) / 2**30, 2))
     del model, optimizer, params
@@ -186,7 +186,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
     parser.add_argument("--mlp-block-log2", type=int, default=None,
-                        help="fastlm.kernels.lora.MLP_BACKWARD_BLOCK_ELEMENTS = 2**N for this run (the sweep behind it)")
+                        help="fastlm.kernels.lora.MLP_ROW_BLOCK_ELEMENTS = 2**N for this run (the sweep behind it)")
     parser.add_argument("--ce-chunk-mib", type=int, default=None,
                         help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (the sweep behind it)")
     parser.add_argument("--cprofile", action="store_true",
@@ -197,7 +197,7 @@ def main():
     import_fastlm_first(args.impls.split(","))
     if args.mlp_block_log2 is not None:
         from fastlm.kernels import lora
-        lora.MLP_BACKWARD_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
+        lora.MLP_ROW_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
     if args.ce_chunk_mib is not None:
         from fastlm.kernels import cross_entropy
         cross_entropy.DEFAULT_CHUNK_BYTES = args.ce_chunk_mib * 2**20

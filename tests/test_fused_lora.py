@@ -439,7 +439,7 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
     batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
     if block_elements is not None:
         assert model.config.intermediate_size == 128
-        monkeypatch.setattr(lora_op, "MLP_BACKWARD_BLOCK_ELEMENTS", block_elements)
+        monkeypatch.setattr(lora_op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
     blocks = []
     row_blocks = lora_op._row_blocks
     monkeypatch.setattr(lora_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])

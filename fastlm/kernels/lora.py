@@ -63,9 +63,9 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 
     """A flat buffer of at least `numel` elements, shared by every quantized weight of this dtype/device.
 
     Shared by all shapes (not one per shape): one projection never needs two dequantized weights at once, so
-    the largest weight's size is all the memory this takes (Llama-3.1-8B: 14336 x 4096 bf16 = 112 MiB). The MLP's
-    backward by blocks of rows holds its gate, up and down weights at once: slots 1 and 2 (as large again each).
-    """
+    the largest weight's size is all the memory this takes (Llama-3.1-8B: 14336 x 4096 bf16 = 112 MiB). The MLP
+    by blocks of rows (its first pass and backward under checkpointing) holds its gate, up and down weights at once:
+    slots 1 and 2 (as large again each)."""
     key = (dtype, torch.device(device), slot)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
@@ -428,21 +428,23 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
     return dAs, dBs, dx
 
 
-# Rows of one block of the MLP's backward when its recomputation left gate | up to backward (_mlp_backward_by_rows):
-# the block's rows times I elements per (rows, I) buffer; gate | up and dh (or h, before dh) of a block are 3 such.
+# Rows of one block of the MLP under gradient checkpointing, in its first pass (_mlp_forward_by_rows) and in the
+# backward its recomputation leaves gate | up to (_mlp_backward_by_rows): the block's rows times I elements per
+# (rows, I) buffer; gate | up and dh (or h) of a block are 3 such.
 # 2^24 (32 MiB in bf16: 2,048 rows at Llama-3.2-1B's I = 8192, 1,152 at Llama-3.1-8B's 14336), measured on the H200
 # (bench/RESULTS.md runs 27-29, one process per value, graphs on): Llama-3.2-1B QLoRA batch 4, ms/step and the
 # layer graphs' pool: one block (2^30) 128.3 ms, 0.69 GiB; 2^25 130.8, 0.57; 2^24 131.6, 0.53; 2^23 132.5, 0.53
 # (below 2^24 the pool's peak is elsewhere in the layer). LoRA bf16: 127.7 vs 128.7 ms (+0.8%); Llama-3.1-8B QLoRA
 # batch 2: 348.6 vs 355.2 ms (+1.9%), pool 0.74 vs 0.59 GiB. 2^24 buys 0.16 GiB at 1B (what the 1B targets of
-# issue 4 need) for 1-3% of step time.
-MLP_BACKWARD_BLOCK_ELEMENTS = 2 ** 24
+# issue 4 need) for 1-3% of step time. (Measured with the backward blocked only; blocking the first pass too took
+# the pool to 0.46 GiB in run 31.)
+MLP_ROW_BLOCK_ELEMENTS = 2 ** 24
 
 
 def _row_blocks(m: int, inner: int) -> list:
-    """Row slices of an (m, ...) tensor in blocks of about MLP_BACKWARD_BLOCK_ELEMENTS / inner rows (a multiple of
+    """Row slices of an (m, ...) tensor in blocks of about MLP_ROW_BLOCK_ELEMENTS / inner rows (a multiple of
     128, cuBLAS's tile height on Hopper, once that large)."""
-    rows = max(1, MLP_BACKWARD_BLOCK_ELEMENTS // inner)
+    rows = max(1, MLP_ROW_BLOCK_ELEMENTS // inner)
     rows -= rows % 128 if rows >= 128 else 0
     return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
 

@@ -233,7 +233,7 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is. recomputed:
     gradient checkpointing's passes, by blocks of 96 rows (258 rows: the last block shorter): the first under
     no_grad, then the recomputation's node, whose backward makes gate | up by blocks."""
-    monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", 96 * 704)
+    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", 96 * 704)
     gen = torch.Generator().manual_seed(0)
     h, i = 256, 704
     x = torch.randn(2, 129, h, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
@@ -356,7 +356,7 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
     up and projects nothing; its backward makes gate | up by blocks, materializing each weight once. Outputs and
     gradients are those of the plain definition to fp32 rounding (the same products; dA_down and dB of gate/up
     summed over blocks in another order: the tolerance of this file)."""
-    monkeypatch.setattr(op, "MLP_BACKWARD_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
     blocks, row_blocks = [], op._row_blocks
     monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
     gen = torch.Generator().manual_seed(6)
@@ -396,7 +396,7 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
 
 
 def test_mlp_row_blocks():
-    """Blocks of MLP_BACKWARD_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
+    """Blocks of MLP_ROW_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
     assert op._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]
     assert [b.stop - b.start for b in op._row_blocks(4096, 14336)] == [1152, 1152, 1152, 640]
     assert op._row_blocks(5, 1 << 30) == [slice(i, i + 1) for i in range(5)]
