@@ -16,7 +16,7 @@ logger = logging.getLogger("fastlm")
 
 # Arguments whose feature is not built yet: any value but the default raises NotImplementedError.
 _NOT_YET = {"fast_inference": False, "load_in_fp8": False, "qat_scheme": None, "offload_embedding": False,
-            "unsloth_tiled_mlp": False, "float8_kv_cache": False}
+            "float8_kv_cache": False}
 # vLLM engine settings: they matter only with fast_inference=True.
 _VLLM_ONLY = {"gpu_memory_utilization": 0.5, "max_lora_rank": 64, "disable_log_stats": True}
 
@@ -99,8 +99,12 @@ class FastLanguageModel:
             random_state: seeds Python, NumPy and torch.
             fast_inference, gpu_memory_utilization, float8_kv_cache, max_lora_rank, disable_log_stats: vLLM
                 generation, not built yet: fast_inference=True raises NotImplementedError.
-            qat_scheme, load_in_fp8, offload_embedding, unsloth_tiled_mlp: not built yet; a non-default value
-                raises NotImplementedError.
+            unsloth_tiled_mlp: the LoRA MLPs added by get_peft_model run by blocks of rows and make gate / up
+                again in backward instead of keeping them (less activation memory for long sequences, two of the
+                MLP's three GEMMs again; under "unsloth" checkpointing Llama-like MLPs already run this way).
+                Needs fastlm's fast path (on CUDA; FASTLM_FAST_PATH=1 elsewhere) and LoRA (not full fine-tuning).
+            qat_scheme, load_in_fp8, offload_embedding: not built yet; a non-default value raises
+                NotImplementedError.
             **kwargs: passed to transformers' AutoModelForCausalLM.from_pretrained (e.g. attn_implementation).
 
         Returns:
@@ -124,16 +128,17 @@ class FastLanguageModel:
             if given[name] != default:
                 logger.warning("fastlm: %s only applies to vLLM generation (fast_inference=True); it has no effect "
                                "here.", name)
-        if not isinstance(use_exact_model_name, bool):
-            raise TypeError(f"use_exact_model_name must be True or False, got {use_exact_model_name!r}.")
+        for name in ("use_exact_model_name", "unsloth_tiled_mlp"):
+            if not isinstance(given[name], bool):
+                raise TypeError(f"{name} must be True or False, got {given[name]!r}.")
         return load_model_and_tokenizer(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
             load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit, full_finetuning=full_finetuning, token=token,
             device_map=device_map, rope_scaling=rope_scaling, fix_tokenizer=fix_tokenizer,
             trust_remote_code=trust_remote_code, use_gradient_checkpointing=use_gradient_checkpointing,
             resize_model_vocab=resize_model_vocab, revision=revision,
-            float32_mixed_precision=float32_mixed_precision, random_state=random_state, explicit=_explicit,
-            model_kwargs=kwargs)
+            float32_mixed_precision=float32_mixed_precision, random_state=random_state,
+            tiled_mlp=unsloth_tiled_mlp, explicit=_explicit, model_kwargs=kwargs)
 
     @staticmethod
     def get_peft_model(

@@ -17,6 +17,7 @@ class FastLMState:
     max_seq_length: the context length asked for at load time.
     use_gradient_checkpointing: the from_pretrained default, used by get_peft_model / for_training.
     tokenizer: the tokenizer loaded with the model (for_inference / for_training switch its padding side).
+    tiled_mlp: from_pretrained's unsloth_tiled_mlp: get_peft_model's fused LoRA MLPs run by blocks of rows.
     """
     precision: Precision
     spec: Optional[ModelSpec]
@@ -24,6 +25,7 @@ class FastLMState:
     use_gradient_checkpointing: Union[bool, str]
     random_state: int
     tokenizer: object = None
+    tiled_mlp: bool = False
 
 
 def base_model_of(model):

@@ -122,10 +122,22 @@ def test_bad_dtype(llama_dir, dtype):
 
 @pytest.mark.parametrize("argument, value", [
     ("fast_inference", True), ("load_in_fp8", True), ("load_in_fp8", "block"), ("qat_scheme", "int4"),
-    ("offload_embedding", True), ("unsloth_tiled_mlp", True), ("float8_kv_cache", True)])
+    ("offload_embedding", True), ("float8_kv_cache", True)])
 def test_features_not_built_yet(llama_dir, argument, value):
     with pytest.raises(NotImplementedError, match=argument):
         FastLanguageModel.from_pretrained(llama_dir, **{argument: value})
+
+
+@pytest.mark.parametrize("kwargs, fast_path, pattern", [
+    (dict(unsloth_tiled_mlp=True, full_finetuning=True), "1", "full fine-tuning does not use"),
+    (dict(unsloth_tiled_mlp=True, load_in_16bit=True), "0", "FASTLM_FAST_PATH=1"),
+    (dict(unsloth_tiled_mlp="yes"), "1", "unsloth_tiled_mlp must be True or False")])
+def test_tiled_mlp_where_there_is_nothing_to_tile(llama_dir, kwargs, fast_path, pattern, monkeypatch):
+    """unsloth_tiled_mlp=True works on fastlm's fused LoRA MLPs: without LoRA (full fine-tuning) or with the fast
+    path off it would do nothing, so it raises, saying why."""
+    monkeypatch.setenv("FASTLM_FAST_PATH", fast_path)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        FastLanguageModel.from_pretrained(llama_dir, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, error, pattern", [

@@ -487,3 +487,50 @@ def test_under_bf16_autocast_as_accurate_as_peft(model_type, tiny_checkpoint):
         assert fast_err <= 3 * plain_err, f"{name}: fused {fast_err:.3g} vs PEFT {plain_err:.3g} (error norm)"
         fast_total, plain_total = fast_total + fast_err ** 2, plain_total + plain_err ** 2
     assert math.sqrt(fast_total) <= 1.1 * math.sqrt(plain_total), (math.sqrt(fast_total), math.sqrt(plain_total))
+
+
+@pytest.mark.parametrize("model_type, precision, checkpointing", [
+    ("llama", "16bit", False), ("gemma2", "4bit", False), ("gemma2", "16bit", "unsloth")])
+def test_unsloth_tiled_mlp(model_type, precision, checkpointing, tiny_checkpoint, monkeypatch):
+    """from_pretrained(unsloth_tiled_mlp=True): the LoRA MLPs run by blocks of rows (7 here, the last shorter) and
+    make gate | up again in backward, in every pass that records a graph (without checkpointing; and under
+    "unsloth" for gemma2, whose MLP feeds a norm and so is recomputed whole); loss and LoRA gradients equal those of
+    the same model loaded untiled (fp32: the tolerance of the whole-model comparisons)."""
+    from fastlm import FastLanguageModel
+    from fastlm.kernels import lora as lora_op
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "1")
+    monkeypatch.setattr(lora_op, "MLP_ROW_BLOCK_ELEMENTS", 7 * 128)
+    runs, blocks = {}, []
+    row_blocks = lora_op._row_blocks
+    monkeypatch.setattr(lora_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    for tiled in (False, True):
+        model, _ = FastLanguageModel.from_pretrained(
+            tiny_checkpoint(model_type), dtype=torch.float32, unsloth_tiled_mlp=tiled,
+            **({"load_in_4bit": True} if precision == "4bit" else {"load_in_16bit": True}))
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
+                                                 use_gradient_checkpointing=checkpointing)
+        batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
+        blocks.clear()
+        runs[tiled] = _loss_and_grads(model.train(), batch)[:2]
+        layers, rows = model.config.num_hidden_layers, batch["input_ids"].numel()
+        # Blocked passes per layer: tiled, its forward and backward (+ the no-grad first pass under checkpointing,
+        # which runs by blocks either way); untiled, the first pass only.
+        expected = (2 if tiled else 0) + (checkpointing == "unsloth")
+        assert len(blocks) == layers * expected and all(len(b) == -(-rows // 7) for b in blocks), tiled
+    _compare_models(runs[False], runs[True])
+
+
+def test_unsloth_tiled_mlp_warns_for_mlps_it_cannot_tile(tiny_checkpoint, monkeypatch, caplog):
+    """MLPs without LoRA (here LoRA on q and v only) or on PEFT's path run untiled: a warning says how many and why."""
+    import logging
+
+    from fastlm import FastLanguageModel
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "1")
+    model, _ = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True, dtype=torch.float32,
+                                                 unsloth_tiled_mlp=True)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
+    layers = model.config.num_hidden_layers
+    assert f"unsloth_tiled_mlp=True, but {layers} of {layers} MLPs run untiled ({layers} without LoRA)" in caplog.text

@@ -32,7 +32,8 @@ for backward, right before it, so making gate and up there or in backward costs 
 (`output_feeds_residual`, in a `reuse_casts(..., recomputing=True)` block) the node saves x only, and
 backward makes gate | up by blocks of rows (`_mlp_backward_by_rows`), holding 3 x (M_b, I) instead of
 3 x (M, I): at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB. The first pass (autograd off) runs by blocks of
-rows as well (`_mlp_forward_by_rows`).
+rows as well (`_mlp_forward_by_rows`). `tiled=True` (Unsloth's unsloth_tiled_mlp) makes any forward do so and
+leave gate | up to backward, paying their two GEMMs again there.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
 fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
@@ -581,7 +582,7 @@ class _MLPFn(torch.autograd.Function):
     inplace, then A/B pairs for each in-projection and for down (None where there is no LoRA)."""
 
     @staticmethod
-    def forward(ctx, x, in_bases, down_base, scales, activation, inplace, skip_output, *adapters):
+    def forward(ctx, x, in_bases, down_base, scales, activation, inplace, skip_output, tiled, *adapters):
         dtype = _compute_dtype(x)
         n_in = len(in_bases)
         As, Bs = _pairs(adapters, n_in + 1)
@@ -601,6 +602,9 @@ class _MLPFn(torch.autograd.Function):
                 # at a time (_mlp_backward_by_rows).
                 ha, a_down, b_down = _lora_terms(hidden, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
                 y = torch.empty(m, down_base.shape[0], dtype=dtype, device=x2.device)
+            elif tiled:  # by blocks of rows; backward makes gate | up again, by blocks too
+                y, ha, a_down, b_down = _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd,
+                                                            activation, dtype)
             else:
                 h = hidden()
                 ha, a_down, b_down = _lora_terms(h, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
@@ -622,8 +626,8 @@ class _MLPFn(torch.autograd.Function):
         n_in = len(ctx.in_bases)
         As, Bs = _pairs(rest, n_in + 1)
         need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
-        need_a = [need[7 + 2 * i] for i in range(n_in + 1)]
-        need_b = [need[8 + 2 * i] for i in range(n_in + 1)]
+        need_a = [need[8 + 2 * i] for i in range(n_in + 1)]
+        need_b = [need[9 + 2 * i] for i in range(n_in + 1)]
         need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
         with torch.autocast(x2.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
@@ -633,7 +637,7 @@ class _MLPFn(torch.autograd.Function):
                                                      need_a, need_b)
                 grads = [g for pair in zip(dAs, dBs) for g in pair]
                 dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-                return (dx, None, None, None, None, None, None, *grads)
+                return (dx, None, None, None, None, None, None, None, *grads)
             gate, up = y_in.chunk(2, dim=-1)
             # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
             # activation backward below overwrites them).
@@ -649,51 +653,59 @@ class _MLPFn(torch.autograd.Function):
                                                scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, None, None, *grads)
+
+
+def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype):
+    """The MLP's output (M, H) computed a block of rows at a time (_row_blocks): gate | up and h of one block,
+    3 x (M_b, I), instead of the whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB). The weights
+    are materialized once (gate and up into workspace slots 1, 2). x2 (M, K) in the compute dtype `dtype`;
+    xa_all, b_bd: _lora_terms of the in-projections. Returns (y, ha, A_down, B_down): h A_down^T (M, r) and the
+    down LoRA's casts (None without one); ha also goes into the memo, as the unblocked forward leaves it for the
+    recomputation."""
+    n_in, m, (hidden, inner) = len(in_bases), x2.shape[0], down_base.shape
+    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+    down_weight = down_base.materialize(dtype)
+    a_down = b_down = ha = None
+    if As[n_in] is not None:
+        a_down = _stacked_a([As[n_in]], dtype)                                                    # (r, I)
+        b_down = _block_diagonal_b([Bs[n_in]], [scales[n_in]], [hidden], [a_down.shape[0]], dtype)
+        ha = torch.empty(m, a_down.shape[0], dtype=dtype, device=x2.device)                      # (M, r)
+    y = torch.empty(m, hidden, dtype=dtype, device=x2.device)
+    for rows in _row_blocks(m, inner):
+        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
+                        side_by_side=True, weights=in_weights)
+        h = activation_forward(*y_in.chunk(2, dim=-1), activation)
+        del y_in
+        if down_base.bias is None:
+            torch.mm(h, down_weight.T, out=y[rows])
+        else:
+            torch.addmm(down_base.bias.to(dtype), h, down_weight.T, out=y[rows])
+        if ha is not None:
+            torch.mm(h, a_down.T, out=ha[rows])
+            y[rows].addmm_(ha[rows], b_down.T)
+    if ha is not None:
+        _lora_input_product(None, a_down, [As[n_in]], m, made=ha)  # kept for the recomputation
+    return y, ha, a_down, b_down
 
 
 def _mlp_forward_by_rows(x, in_bases, loras, down_base, activation):
     """lora_mlp's output where nothing is differentiated (autograd off: the first pass of gradient checkpointing),
-    computed a block of rows at a time (_row_blocks): gate | up and h of one block, 3 x (M_b, I), instead of the
-    whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB: the largest working set in the layer graphs'
-    pool, bench/RESULTS.md run 31). The weights are materialized once (gate and up into workspace slots 1, 2). The
-    products x A^T and h A_down^T go into the memo, as the autograd node's forward leaves them for the
-    recomputation."""
+    by blocks of rows (_mlp_output_by_rows): in the layer graphs' pool the unblocked first pass was the largest
+    working set (bench/RESULTS.md run 31)."""
     dtype, n_in = _compute_dtype(x), len(in_bases)
-    As, Bs, scales = [lo.A if lo else None for lo in loras], [lo.B if lo else None for lo in loras], \
-        [lo.scale if lo else 0.0 for lo in loras]
+    As, Bs = [lo.A if lo else None for lo in loras], [lo.B if lo else None for lo in loras]
+    scales = [lo.scale if lo else 0.0 for lo in loras]
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        (m, _), (hidden, inner) = x2.shape, down_base.shape
-        xa_all, _, b_bd = _lora_terms(x2, m, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
-        in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
-        down_weight = down_base.materialize(dtype)
-        down_lora = loras[n_in]
-        if down_lora is not None:
-            a_down = _stacked_a([down_lora.A], dtype)                                             # (r, I)
-            b_down = _block_diagonal_b([down_lora.B], [down_lora.scale], [hidden], [a_down.shape[0]], dtype)
-            ha = torch.empty(m, a_down.shape[0], dtype=dtype, device=x2.device)                  # (M, r)
-        y = torch.empty(m, hidden, dtype=dtype, device=x2.device)
-        for rows in _row_blocks(m, inner):
-            y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                            side_by_side=True, weights=in_weights)
-            h = activation_forward(*y_in.chunk(2, dim=-1), activation)
-            del y_in
-            if down_base.bias is None:
-                torch.mm(h, down_weight.T, out=y[rows])
-            else:
-                torch.addmm(down_base.bias.to(dtype), h, down_weight.T, out=y[rows])
-            if down_lora is not None:
-                torch.mm(h, a_down.T, out=ha[rows])
-                y[rows].addmm_(ha[rows], b_down.T)
-        if down_lora is not None:
-            _lora_input_product(None, a_down, [down_lora.A], m, made=ha)  # kept for the recomputation
-    return y.view(*x.shape[:-1], hidden)
+        xa_all, _, b_bd = _lora_terms(x2, x2.shape[0], in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
+        y = _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype)[0]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[LoRA]], down_base,
              down_lora: Optional[LoRA], activation: str, inplace_backward: bool = True,
-             output_feeds_residual: bool = False) -> torch.Tensor:
+             output_feeds_residual: bool = False, tiled: bool = False) -> torch.Tensor:
     """The gated MLP with LoRA on any of its projections, as one autograd node (see the module docstring).
 
     Args:
@@ -706,6 +718,10 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
             during a gradient-checkpointing recomputation (`reuse_casts(..., recomputing=True)`) the output's
             value is never read: its down-projection (dequantization, GEMM, LoRA term) is skipped there and
             the result left unset, while everything backward needs is still saved. Off by default.
+        tiled: compute the output by blocks of rows and save x only (not gate | up): backward makes gate | up
+            again by blocks (_mlp_backward_by_rows), 2 of the MLP's 3 big GEMMs again for at most 3 x (M_b, I)
+            of activations instead of 3 x (M, I) (Unsloth's `unsloth_tiled_mlp`). Where the output feeds the
+            residual sum, fastlm's offloaded checkpointing already runs the MLP this way at no extra cost.
     Returns:
         (..., H) in the compute dtype (unset values in a recomputation with output_feeds_residual). With autograd
         off (gradient checkpointing's first pass) no node is made and the output is computed by blocks of rows
@@ -725,5 +741,5 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
         return _mlp_forward_by_rows(x, list(in_bases), loras, down_base, activation)
     scales = [lo.scale if lo else 0.0 for lo in loras]
     skip_output = output_feeds_residual and _recomputing()
-    return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output,
+    return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output, tiled,
                         *_flat_adapters(loras))

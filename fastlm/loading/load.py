@@ -41,7 +41,7 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                              rope_scaling: Optional[dict], fix_tokenizer: bool, trust_remote_code: bool,
                              use_gradient_checkpointing, resize_model_vocab: Optional[int], revision: Optional[str],
                              float32_mixed_precision: Optional[bool], random_state: int, explicit: frozenset,
-                             model_kwargs: dict):
+                             model_kwargs: dict, tiled_mlp: bool = False):
     """See FastLanguageModel.from_pretrained. Returns (model, tokenizer); an adapter loads as a PeftModel."""
     check_mode(use_gradient_checkpointing)
     for key in model_kwargs:
@@ -76,6 +76,11 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                              "loaded unquantized; use the original 16-bit checkpoint for 16-bit LoRA or full "
                              "fine-tuning.")
         precision = Precision(prequantized, precision.dtype, precision.fp32_trainable)
+    if tiled_mlp and (precision.mode == "full" or spec is None):
+        raise ValueError("unsloth_tiled_mlp=True tiles the MLPs of fastlm's fused LoRA, which "
+                         + ("full fine-tuning does not use (no LoRA)" if precision.mode == "full" else
+                            f"model_type {config.model_type!r} does not have (no fast path)")
+                         + "; leave unsloth_tiled_mlp=False (gradient checkpointing saves activation memory).")
     stretch_context(config, max_seq_length, rope_scaling)
     _check_weight_files(checkpoint)
 
@@ -102,8 +107,12 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         from fastlm.patching import apply_fast_path, fast_path_wanted
         if fast_path_wanted(model):
             apply_fast_path(model, spec)
+        elif tiled_mlp:
+            raise ValueError("unsloth_tiled_mlp=True tiles the MLPs of fastlm's fused LoRA, which is off for this "
+                             "model: it runs on CUDA by default; set FASTLM_FAST_PATH=1 to use it elsewhere, or "
+                             "leave unsloth_tiled_mlp=False.")
     setattr(model, ATTRIBUTE, FastLMState(precision, spec, max_seq_length, use_gradient_checkpointing,
-                                          random_state, tokenizer))
+                                          random_state, tokenizer, tiled_mlp))
 
     if precision.mode == "full":
         for param in model.parameters():

@@ -203,7 +203,7 @@ def _fused_mlp_forward(self, *args, **kwargs):
         in_bases, in_loras, down_base, down_lora, reason = _mlp_plan(self)
         if not reason:
             return lora_mlp(x, in_bases, in_loras, down_base, down_lora, self._fastlm_activation,
-                            output_feeds_residual=self._fastlm_feeds_residual)
+                            output_feeds_residual=self._fastlm_feeds_residual, tiled=self._fastlm_tiled)
     return getattr(self, _PREVIOUS)(*args, **kwargs)
 
 
@@ -259,7 +259,8 @@ def _has_lora(modules) -> bool:
     return any(isinstance(m, LoraLayer) for m in modules)
 
 
-def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = False) -> dict:
+def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = False,
+                       tiled_mlp: bool = False) -> dict:
     """Install the fused LoRA paths on every MLP, attention and LoRA projection of `model` (an instance).
 
     Args:
@@ -268,15 +269,19 @@ def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = F
         mlp_feeds_residual: the family's decoder layers add each MLP output straight to the residual stream
             (ModelSpec.mlp_feeds_residual): fused MLPs then skip their down projection when recomputed for
             backward by fastlm's offloaded checkpointing. Leave False when unsure.
+        tiled_mlp: fused MLPs run by blocks of rows and make gate / up again in backward (lora_mlp's `tiled`);
+            a warning names the MLPs that cannot (PEFT's path, or no LoRA in them).
     Returns:
         {"mlp" | "qkv" | "projections": {"fused": int, "peft": {reason: count}}}: what each took at install
         time. ("qkv" counts attention modules given `fastlm_project_qkv`; it is used where fastlm's attention
         forward is installed, else q/k/v run one by one through their own fused forwards.)
     """
     report = {kind: {"fused": 0, "peft": Counter()} for kind in ("mlp", "qkv", "projections")}
+    plain_mlps = 0  # gated MLPs without any LoRA: transformers' own forward
     for _, module in model.named_modules():
         parts = _mlp_parts(module)
         act = next((getattr(module, a) for a in MLP_ACTIVATION_ATTRS if hasattr(module, a)), None)
+        plain_mlps += parts is not None and act is not None and not _has_lora(parts[0] + [parts[1]])
         if parts is not None and act is not None and _has_lora(parts[0] + [parts[1]]):
             activation = detect_activation(act)
             reason = _mlp_plan(module)[-1] if activation else f"activation {type(act).__name__} not supported"
@@ -284,7 +289,7 @@ def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = F
                 report["mlp"]["peft"][reason] += 1
             else:
                 report["mlp"]["fused"] += 1
-                module._fastlm_feeds_residual = mlp_feeds_residual
+                module._fastlm_feeds_residual, module._fastlm_tiled = mlp_feeds_residual, tiled_mlp
                 if not getattr(module, _MARK, False):
                     module._fastlm_activation = activation
                     _own_forward(module, _fused_mlp_forward)
@@ -311,6 +316,12 @@ def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = F
                 if not getattr(child, _MARK, False):
                     _own_forward(child, _fused_projection_forward)
     report = {k: {"fused": v["fused"], "peft": dict(v["peft"])} for k, v in report.items()}
+    untiled = sum(report["mlp"]["peft"].values()) + plain_mlps
+    if tiled_mlp and untiled:
+        logger.warning("fastlm: unsloth_tiled_mlp=True, but %d of %d MLPs run untiled (%s).", untiled,
+                       untiled + report["mlp"]["fused"],
+                       ", ".join([f"{n} on PEFT's path: {r}" for r, n in report["mlp"]["peft"].items()] +
+                                 ([f"{plain_mlps} without LoRA"] if plain_mlps else [])))
     line = summarize(report)
     logger.info(line)
     if verbose:

@@ -183,7 +183,9 @@ def install_fused_lora_if_wanted(peft_model, spec) -> None:
     """Fused MLP / q,k,v / projections where PEFT's path is not needed, when the fast path is wanted for the base
     model (on CUDA by default; FASTLM_FAST_PATH=1/0 forces it). spec: the family's ModelSpec, or None."""
     if fast_path_wanted(peft_model.get_base_model()):
-        install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual)
+        state = state_of(peft_model)
+        install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual,
+                           tiled_mlp=state is not None and state.tiled_mlp)
 
 
 def _upcast_trained_modules(peft_model, names) -> None:

@@ -401,3 +401,37 @@ def test_mlp_row_blocks():
     assert [b.stop - b.start for b in op._row_blocks(4096, 14336)] == [1152, 1152, 1152, 640]
     assert op._row_blocks(5, 1 << 30) == [slice(i, i + 1) for i in range(5)]
     assert op._row_blocks(300, 1 << 16) == [slice(0, 256), slice(256, 300)]
+
+
+@pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
+def test_tiled_mlp_saves_x_only_and_matches(activation, n_in, with_lora, device, monkeypatch):
+    """tiled=True (unsloth_tiled_mlp): the forward runs by blocks of rows (7 of the 15 rows, the last block shorter)
+    and backward makes gate | up again by blocks, with autograd on and no checkpointing; output and gradients are
+    those of the plain definition to fp32 rounding (the tolerance of this file), and the node keeps no (M, 2I)."""
+    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", 7 * 40)
+    blocks, row_blocks = [], op._row_blocks
+    monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    gen = torch.Generator().manual_seed(8)
+    h, i = 24, 40
+    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+    in_bases = [_dense(wd, h, torch.float32, device, gen=gen) for wd in widths]
+    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
+    down = _dense(h, i, torch.float32, device, gen=gen)
+    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    params = _params(x, in_loras + [down_lora])
+    upstream = torch.randn(3, 5, h, generator=gen).to(device)
+    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, tiled=True)
+    saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None]
+    assert (15, h) in saved and not any(s[0] == 15 and s[-1] in (i, 2 * i) for s in saved)  # x kept, no gate | up, h
+    got = _grads([y], params, [upstream])
+    assert [[(r.start, r.stop) for r in b] for b in blocks] == [[(0, 7), (7, 14), (14, 15)]] * 2  # forward, backward
+    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
+    ref_grads = _grads([ref], params, [upstream])
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
+    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
+    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
+    _close(y, ref, exact, torch.float32, "y")
+    for j, (g, r, ex) in enumerate(zip(got, ref_grads, exact_grads)):
+        _close(g, r, ex, torch.float32, f"grad{j}")
