@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# One device call: fastlm's training step for each "shape:variant:batch:extra-args" entry of $RUNS (extra args
-# with commas for spaces, e.g. 1b:qlora:4:--ce-chunk-mib,128; "hf" as extra args runs HF + PEFT instead), one
-# process each. Results come back as $OUT/results.tgz.
+# One device call: GPU tests ($TESTS, optional), then fastlm's training step for each
+# "shape:variant:batch:extra-args" entry of $RUNS (extra args with commas for spaces, e.g.
+# 1b:qlora:4:--ce-chunk-mib,128; "hf" as extra args runs HF + PEFT instead), one process each, $STEPS timed steps
+# after 3 warm-up ones (issue 4's protocol: 10). Results come back as $OUT/results.tgz.
 source bench/gpu_env.sh
+if [ -n "${TESTS:-}" ]; then
+  timeout ${TESTS_S:-200} python3 -m pytest -q -rfEs -p no:cacheprovider --timeout 100 $TESTS > $RES/tests.log 2>&1
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|Error" $RES/tests.log | cut -c1-300 | tail -n 25
+  tar czf $OUT/results.tgz -C $RES .
+fi
 i=0
 for entry in $RUNS; do
   IFS=: read shape variant batch extra <<< "$entry"
