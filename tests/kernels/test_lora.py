@@ -73,6 +73,24 @@ def _check_projections(x, bases, loras, dtype, name):
         _close(g, r, e, dtype, f"{name} grad{i}")
 
 
+def _check_mlp(y, got, x, in_bases, in_loras, down, down_lora, activation, upstream, dtype):
+    """The fused MLP's output y (None: not checked) and its gradients `got` (of x and every LoRA matrix, as _params
+    orders them, for the upstream gradient `upstream`) against PyTorch's reference in the same dtype and the fp64
+    result: the tolerance of this file."""
+    params = _params(x, in_loras + [down_lora])
+    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
+    ref_grads = _grads([ref], params, [upstream])
+    x64 = x.detach().double().requires_grad_()
+    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
+    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
+    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
+    if y is not None:
+        _close(y, ref, exact, dtype, "y")
+    for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        _close(g, r, e, dtype, f"grad{j}")
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 64), (5, 67), (1, 1, 3)])
 def test_projections_dense_fp32(shape, device):
     gen = torch.Generator().manual_seed(0)
@@ -139,16 +157,7 @@ def test_mlp_fp32(activation, n_in, with_lora, inplace, device):
     params = _params(x, in_loras + [down_lora])
     y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, inplace_backward=inplace)
     up = torch.randn(y.shape, generator=gen).to(device)
-    got = _grads([y], params, [up])
-    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
-    ref_grads = _grads([ref], params, [up])
-    x64 = x.detach().double().requires_grad_()
-    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
-    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
-    exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
-    _close(y, ref, exact, torch.float32, "y")
-    for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
-        _close(g, r, e, torch.float32, f"grad{j}")
+    _check_mlp(y, _grads([y], params, [up]), x, in_bases, in_loras, down, down_lora, activation, up, torch.float32)
 
 
 def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkeypatch):
@@ -249,18 +258,10 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
         with op.reuse_casts(memo, recomputing=True):
             y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
     up = torch.randn(y.shape, generator=gen).to("cuda", torch.bfloat16)
-    got = _grads([y], params, [up])
-    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, "silu")
-    ref_grads = _grads([ref], params, [up])
-    x64 = x.detach().double().requires_grad_()
-    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
-    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], "silu")
-    exact_grads = _grads([exact], _params(x64, loras64), [up.double()])
-    # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged
-    # at bf16 precision.
-    _close(y_first, ref, exact, torch.bfloat16, "y")  # (a recomputation's output is left unset)
-    for j, (g, r, e) in enumerate(zip(got, ref_grads, exact_grads)):
-        _close(g, r, e, torch.bfloat16, f"grad{j}")
+    # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged at bf16
+    # precision. The output checked is the first pass's (a recomputation's output is left unset).
+    _check_mlp(y_first, _grads([y], params, [up]), x, in_bases, in_loras, down, down_lora, "silu", up,
+               torch.bfloat16)
 
 
 def test_reuse_casts_shares_one_copy_per_memo(device):
@@ -345,6 +346,28 @@ def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
         assert torch.equal(g, e)
 
 
+def _record_row_blocks(block_elements: int, monkeypatch) -> list:
+    """Set MLP_ROW_BLOCK_ELEMENTS; returns the list that gets every _row_blocks answer (one per blocked pass)."""
+    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
+    blocks, row_blocks = [], op._row_blocks
+    monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    return blocks
+
+
+def _blocked_mlp_case(n_in, with_lora, device, seed):
+    """x (3, 5, 24) (15 rows), gate/up (40 each, or one of 80) and down fp32 weights that count their
+    materializations, LoRAs (r = 4) where with_lora says, and an upstream gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    h, i = 24, 40
+    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+    in_bases = [_CountingWeight(_dense(wd, h, torch.float32, device, gen=gen).weight) for wd in widths]
+    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
+    down = _CountingWeight(_dense(h, i, torch.float32, device, gen=gen).weight)
+    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    return x, in_bases, in_loras, down, down_lora, torch.randn(3, 5, h, generator=gen).to(device)
+
+
 @pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
 @pytest.mark.parametrize("block_elements", [7 * 40, 1 << 20])
 @pytest.mark.parametrize("first_pass", ["autograd", "no_grad"])
@@ -356,19 +379,9 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
     up and projects nothing; its backward makes gate | up by blocks, materializing each weight once. Outputs and
     gradients are those of the plain definition to fp32 rounding (the same products; dA_down and dB of gate/up
     summed over blocks in another order: the tolerance of this file)."""
-    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
-    blocks, row_blocks = [], op._row_blocks
-    monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
-    gen = torch.Generator().manual_seed(6)
-    h, i = 24, 40
-    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
-    widths = [i, i] if n_in == 2 else [2 * i]
-    in_bases = [_CountingWeight(_dense(wd, h, torch.float32, device, gen=gen).weight) for wd in widths]
-    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
-    down = _CountingWeight(_dense(h, i, torch.float32, device, gen=gen).weight)
-    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    blocks = _record_row_blocks(block_elements, monkeypatch)
+    x, in_bases, in_loras, down, down_lora, upstream = _blocked_mlp_case(n_in, with_lora, device, seed=6)
     params = _params(x, in_loras + [down_lora])
-    upstream = torch.randn(3, 5, h, generator=gen).to(device)
     expected_blocks = [(0, 7), (7, 14), (14, 15)] if block_elements == 7 * 40 else [(0, 15)]
 
     memo = {}
@@ -383,16 +396,7 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
     got = _grads([y], params, [upstream])
     assert [b.calls - c for b, c in zip(in_bases + [down], counts)] == [1] * (n_in + 1)
     assert [[(r.start, r.stop) for r in b] for b in blocks] == [expected_blocks]
-    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
-    ref_grads = _grads([ref], params, [upstream])
-    x64 = x.detach().double().requires_grad_()
-    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
-    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
-    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
-    _close(y_first, ref, exact, torch.float32, "y")
-    for j, (g, r, ex) in enumerate(zip(got, ref_grads, exact_grads)):
-        assert g.shape == r.shape and g.dtype == r.dtype
-        _close(g, r, ex, torch.float32, f"grad{j}")
+    _check_mlp(y_first, got, x, in_bases, in_loras, down, down_lora, activation, upstream, torch.float32)
 
 
 def test_mlp_row_blocks():
@@ -408,30 +412,13 @@ def test_tiled_mlp_saves_x_only_and_matches(activation, n_in, with_lora, device,
     """tiled=True (unsloth_tiled_mlp): the forward runs by blocks of rows (7 of the 15 rows, the last block shorter)
     and backward makes gate | up again by blocks, with autograd on and no checkpointing; output and gradients are
     those of the plain definition to fp32 rounding (the tolerance of this file), and the node keeps no (M, 2I)."""
-    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", 7 * 40)
-    blocks, row_blocks = [], op._row_blocks
-    monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
-    gen = torch.Generator().manual_seed(8)
-    h, i = 24, 40
-    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
-    widths = [i, i] if n_in == 2 else [2 * i]
-    in_bases = [_dense(wd, h, torch.float32, device, gen=gen) for wd in widths]
-    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
-    down = _dense(h, i, torch.float32, device, gen=gen)
-    down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    blocks = _record_row_blocks(7 * 40, monkeypatch)
+    x, in_bases, in_loras, down, down_lora, upstream = _blocked_mlp_case(n_in, with_lora, device, seed=8)
+    h, i = x.shape[-1], down.shape[1]
     params = _params(x, in_loras + [down_lora])
-    upstream = torch.randn(3, 5, h, generator=gen).to(device)
     y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, tiled=True)
     saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None]
     assert (15, h) in saved and not any(s[0] == 15 and s[-1] in (i, 2 * i) for s in saved)  # x kept, no gate | up, h
     got = _grads([y], params, [upstream])
     assert [[(r.start, r.stop) for r in b] for b in blocks] == [[(0, 7), (7, 14), (14, 15)]] * 2  # forward, backward
-    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
-    ref_grads = _grads([ref], params, [upstream])
-    x64 = x.detach().double().requires_grad_()
-    loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
-    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
-    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
-    _close(y, ref, exact, torch.float32, "y")
-    for j, (g, r, ex) in enumerate(zip(got, ref_grads, exact_grads)):
-        _close(g, r, ex, torch.float32, f"grad{j}")
+    _check_mlp(y, got, x, in_bases, in_loras, down, down_lora, activation, upstream, torch.float32)
