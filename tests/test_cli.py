@@ -206,10 +206,11 @@ def test_gpu_run_mixed_precision_and_mfu(tiny_checkpoint, text_data, tmp_path):
     assert mixed_precision(model) == ({"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True})
 
 
-def test_env(capsys):
+def test_env(capsys, monkeypatch):
+    monkeypatch.setenv("FASTLM_CUDA_GRAPHS", "0")
     main(["env"])
     printed = capsys.readouterr().out
-    assert "torch" in printed and "transformers" in printed
+    assert "torch" in printed and "transformers" in printed and "FASTLM_CUDA_GRAPHS=0" in printed
 
 
 def test_report_to_tensorboard_writes_events(tiny_checkpoint, text_data, tmp_path):
