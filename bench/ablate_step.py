@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.profile_step import step  # noqa: E402
 from bench.train_step import add_setting_arguments, import_fastlm_first, load, make_checkpoint  # noqa: E402
-from fastlm.kernels import lora as lora_op  # noqa: E402
+from fastlm.kernels import lora as lora_op, lora_mlp as mlp_op  # noqa: E402
 from fastlm.training.checkpointing import set_gradient_checkpointing  # noqa: E402
 
 
@@ -85,10 +85,11 @@ def main():
             gc.freeze()
         elif gc_mode == "disable":
             gc.disable()
-        saved = {k: getattr(lora_op, k) for k in patches if k != "checkpointing"}
+        owner = {"_recomputing": mlp_op, "_memoized": lora_op}  # the module that looks the name up
+        saved = {k: getattr(owner[k], k) for k in patches if k != "checkpointing"}
         for key, value in patches.items():
             if key != "checkpointing":
-                setattr(lora_op, key, value)
+                setattr(owner[key], key, value)
         set_gradient_checkpointing(model, patches.get("checkpointing", "unsloth"))
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -97,7 +98,7 @@ def main():
         except Exception as exc:
             row = dict(setting=name, error=repr(exc)[:300])
         for key, value in saved.items():
-            setattr(lora_op, key, value)
+            setattr(owner[key], key, value)
         gc.unfreeze()
         gc.enable()
         rows.append(row)

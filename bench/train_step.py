@@ -168,7 +168,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
         from fastlm.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
-        from fastlm.kernels.lora import MLP_ROW_BLOCK_ELEMENTS
+        from fastlm.kernels.lora_mlp import MLP_ROW_BLOCK_ELEMENTS
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
                    mlp_block_elements=MLP_ROW_BLOCK_ELEMENTS, ce_chunk_mib=DEFAULT_CHUNK_BYTES // 2**20,
                    layer_graphs=graphs.captured() if graphs is not None else 0,
@@ -186,9 +186,9 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="hf,fastlm", help="run one per process to keep memory figures apart")
     parser.add_argument("--mlp-block-log2", type=int, default=None,
-                        help="fastlm.kernels.lora.MLP_ROW_BLOCK_ELEMENTS = 2**N for this run (the sweep behind it)")
+                        help="fastlm.kernels.lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2**N for this run (a sweep)")
     parser.add_argument("--ce-chunk-mib", type=int, default=None,
-                        help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (the sweep behind it)")
+                        help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (a sweep)")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
@@ -196,8 +196,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
     import_fastlm_first(args.impls.split(","))
     if args.mlp_block_log2 is not None:
-        from fastlm.kernels import lora
-        lora.MLP_ROW_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
+        from fastlm.kernels import lora_mlp
+        lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
     if args.ce_chunk_mib is not None:
         from fastlm.kernels import cross_entropy
         cross_entropy.DEFAULT_CHUNK_BYTES = args.ce_chunk_mib * 2**20

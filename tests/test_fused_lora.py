@@ -427,7 +427,7 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
     loss and LoRA gradients of the same model without checkpointing; block_elements 7 * 128 (the tiny intermediate
     size is 128) cuts the rows into blocks of 7, the last one shorter."""
     from fastlm import FastLanguageModel
-    from fastlm.kernels import lora as lora_op
+    from fastlm.kernels import lora_mlp as mlp_op
     from fastlm.training.checkpointing import set_gradient_checkpointing
 
     monkeypatch.setenv("FASTLM_FAST_PATH", "1")
@@ -439,12 +439,12 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
     batch = {k: v.to(model.device) for k, v in _batch(model_type).items()}
     if block_elements is not None:
         assert model.config.intermediate_size == 128
-        monkeypatch.setattr(lora_op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
+        monkeypatch.setattr(mlp_op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
     blocks = []
-    row_blocks = lora_op._row_blocks
-    monkeypatch.setattr(lora_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
-    activations, activation_forward = [], lora_op.activation_forward
-    monkeypatch.setattr(lora_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
+    row_blocks = mlp_op._row_blocks
+    monkeypatch.setattr(mlp_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    activations, activation_forward = [], mlp_op.activation_forward
+    monkeypatch.setattr(mlp_op, "activation_forward", lambda *a: (activations.append(1), activation_forward(*a))[1])
     offloaded = _loss_and_grads(model.train(), batch)[:2]
     layers, rows = model.config.num_hidden_layers, batch["input_ids"].numel()
     # Row blocks per layer: the first pass (no_grad: every family), and the backward where the recomputation left
@@ -497,13 +497,13 @@ def test_unsloth_tiled_mlp(model_type, precision, checkpointing, tiny_checkpoint
     "unsloth" for gemma2, whose MLP feeds a norm and so is recomputed whole); loss and LoRA gradients equal those of
     the same model loaded untiled (fp32: the tolerance of the whole-model comparisons)."""
     from fastlm import FastLanguageModel
-    from fastlm.kernels import lora as lora_op
+    from fastlm.kernels import lora_mlp as mlp_op
 
     monkeypatch.setenv("FASTLM_FAST_PATH", "1")
-    monkeypatch.setattr(lora_op, "MLP_ROW_BLOCK_ELEMENTS", 7 * 128)
+    monkeypatch.setattr(mlp_op, "MLP_ROW_BLOCK_ELEMENTS", 7 * 128)
     runs, blocks = {}, []
-    row_blocks = lora_op._row_blocks
-    monkeypatch.setattr(lora_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    row_blocks = mlp_op._row_blocks
+    monkeypatch.setattr(mlp_op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
     for tiled in (False, True):
         model, _ = FastLanguageModel.from_pretrained(
             tiny_checkpoint(model_type), dtype=torch.float32, unsloth_tiled_mlp=tiled,

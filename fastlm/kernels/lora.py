@@ -1,4 +1,4 @@
-"""Fused LoRA: projections over a frozen base weight, and the whole gated MLP, each ONE autograd node.
+"""Fused LoRA projections over a frozen base weight (q/k/v together, o alone), each ONE autograd node.
 
 One LoRA projection (PEFT's `lora.Linear` with one active adapter, no dropout, no DoRA):
     y = x W^T (+ b) + s * (x A^T) B^T        x (M, K), W (N, K) frozen, A (r, K), B (N, r), s = alpha / r
@@ -15,25 +15,11 @@ for the backward.
 The frozen W is a `FrozenWeight`: 16-bit (`DenseWeight`), NF4/FP4 (`NF4Weight`, dequantized by
 fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * SCB / 127). A 4-bit or
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
-sized for the largest weight: no step holds more than one dequantized weight at a time.
+sized for the largest weight: a projection holds one dequantized weight at a time (the MLP by blocks of rows
+holds its three, in workspace slots).
 
-The gated MLP (`lora_mlp`), Llama-style or Phi-3's fused gate_up_proj:
-    gate, up = x Wg^T + .., x Wu^T + ..      (M, I) each (Phi-3: one (M, 2I) projection, split in half)
-    h = act(gate, up)                        silu(gate) * up, or gelu(gate) * up (tanh form for Gemma)
-    y = h Wd^T + sd * (h Ad^T) Bd^T          (M, H)
-It saves x, gate, up and the rank-r products; h is recomputed in backward from gate and up (one
-elementwise pass) instead of being saved. Recomputing gate and up from x instead would cost two of the
-three big matmuls (+ their dequantization) again in backward, about +40% of the MLP's backward FLOPs, to
-save 2 x (M, I) activations: saving them is the better trade. The activation backward writes dgate/dup into
-the saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks at 3 x (M, I) (gate,
-up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
-Under gradient checkpointing the trade is another: the recomputation runs the MLP only to build this node
-for backward, right before it, so making gate and up there or in backward costs the same FLOPs. There
-(`output_feeds_residual`, in a `reuse_casts(..., recomputing=True)` block) the node saves x only, and
-backward makes gate | up by blocks of rows (`_mlp_backward_by_rows`), holding 3 x (M_b, I) instead of
-3 x (M, I): at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB. The first pass (autograd off) runs by blocks of
-rows as well (`_mlp_forward_by_rows`). `tiled=True` (Unsloth's unsloth_tiled_mlp) makes any forward do so and
-leave gate | up to backward, paying their two GEMMs again there.
+The gated MLP with its LoRAs, one node too, is in fastlm.kernels.lora_mlp; it uses this module's group helpers
+(`_lora_terms`, `_project`, `_backward_group`, ...), workspaces and memo.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
 fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
@@ -41,8 +27,8 @@ fp32 this equals PEFT to rounding; in bf16 it rounds at other places than PEFT d
 summed in one GEMM accumulation, the activation rounded once) and is as accurate: tests/test_fused_lora.py
 (bf16 autocast) and tests/test_patching.py (bf16 weights, on the GPU) compare both with the fp32 result.
 
-Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, lora_mlp, reuse_casts, reference_projection,
-reference_mlp, activation_forward, activation_backward.
+Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, reuse_casts, reference_projection, workspace,
+live_workspaces.
 """
 import contextlib
 import threading
@@ -51,11 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastlm.kernels import geglu, swiglu
-from fastlm.kernels._utils import use_triton
 from fastlm.kernels.nf4 import dequantize_nf4, reference_torch
-
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
 _workspaces = {}  # (dtype, device, slot) -> flat tensor: the dequantized frozen weight of the moment
 
@@ -154,40 +136,6 @@ def reference_projection(x: torch.Tensor, base, lora: Optional[LoRA]) -> torch.T
     if lora is not None:
         y = y + (x @ lora.A.to(x.dtype).T) @ lora.B.to(x.dtype).T * lora.scale
     return y
-
-
-def reference_mlp(x, in_bases, in_loras, down_base, down_lora, activation: str) -> torch.Tensor:
-    """The definition of lora_mlp: down(act(gate(x)) * up(x)), gate/up split from one output when fused."""
-    outs = [reference_projection(x, b, lo) for b, lo in zip(in_bases, in_loras)]
-    gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
-    return reference_projection(_activation_reference(gate, up, activation), down_base, down_lora)
-
-
-def _activation_reference(gate, up, activation):
-    if activation == "silu":
-        return swiglu.reference(gate, up)
-    return geglu.reference(gate, up, "tanh" if activation == "gelu_tanh" else "none")
-
-
-def activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up, (M, I) -> (M, I) contiguous, with the Triton kernels where they can run."""
-    if not use_triton(gate, up):
-        return _activation_reference(gate, up, activation)
-    if activation == "silu":
-        return swiglu.swiglu_forward(gate, up)
-    return geglu.geglu_forward(gate, up, "tanh" if activation == "gelu_tanh" else "none")
-
-
-def activation_backward(dh, gate, up, activation: str, inplace: bool):
-    """(dgate, dup) of h = act(gate) * up; written into gate's / up's storage when inplace."""
-    if not use_triton(dh, gate, up):
-        with torch.enable_grad():
-            g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            dg, du = torch.autograd.grad(_activation_reference(g, u, activation), (g, u), dh)
-        return (gate.copy_(dg), up.copy_(du)) if inplace else (dg, du)
-    if activation == "silu":
-        return swiglu.swiglu_backward(dh, gate, up, inplace)
-    return geglu.geglu_backward(dh, gate, up, "tanh" if activation == "gelu_tanh" else "none", inplace)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -429,90 +377,6 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
     return dAs, dBs, dx
 
 
-# Rows of one block of the MLP under gradient checkpointing, in its first pass (_mlp_forward_by_rows) and in the
-# backward its recomputation leaves gate | up to (_mlp_backward_by_rows): the block's rows times I elements per
-# (rows, I) buffer; gate | up and dh (or h) of a block are 3 such.
-# 2^24 (32 MiB in bf16: 2,048 rows at Llama-3.2-1B's I = 8192, 1,152 at Llama-3.1-8B's 14336), measured on the H200
-# (bench/RESULTS.md runs 27-29, one process per value, graphs on): Llama-3.2-1B QLoRA batch 4, ms/step and the
-# layer graphs' pool: one block (2^30) 128.3 ms, 0.69 GiB; 2^25 130.8, 0.57; 2^24 131.6, 0.53; 2^23 132.5, 0.53
-# (below 2^24 the pool's peak is elsewhere in the layer). LoRA bf16: 127.7 vs 128.7 ms (+0.8%); Llama-3.1-8B QLoRA
-# batch 2: 348.6 vs 355.2 ms (+1.9%), pool 0.74 vs 0.59 GiB. 2^24 buys 0.16 GiB at 1B (what the 1B targets of
-# issue 4 need) for 1-3% of step time. (Measured with the backward blocked only; blocking the first pass too took
-# the pool to 0.46 GiB in run 31.)
-MLP_ROW_BLOCK_ELEMENTS = 2 ** 24
-
-
-def _row_blocks(m: int, inner: int) -> list:
-    """Row slices of an (m, ...) tensor in blocks of about MLP_ROW_BLOCK_ELEMENTS / inner rows (a multiple of
-    128, cuBLAS's tile height on Hopper, once that large)."""
-    rows = max(1, MLP_ROW_BLOCK_ELEMENTS // inner)
-    rows -= rows % 128 if rows >= 128 else 0
-    return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
-
-
-def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
-                          activation, dtype, need_dx, need_a, need_b):
-    """(dAs, dBs, dx) of the MLP when its forward saved x (M, H) and the rank-r products only (a recomputation for
-    gradient checkpointing whose output is never read): gate | up are made here from x and the saved x A^T, one
-    block of rows at a time (_row_blocks), so the backward holds gate | up and dh of one block instead of the
-    whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
-    recomputation. The three weights are materialized once for all blocks (4-bit and 8-bit ones into workspace
-    slots 0-2: 3 dequantizations per layer and step where the recomputation and backward of the unblocked node
-    take 5); dequantized again for each block instead, they cost about 1.4 ms per extra block per step at
-    Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
-
-    Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
-    activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
-    dA_down and dB_in are sums over blocks (each block's product rounded to the compute dtype once, summed in
-    fp32); dA_in and dB_down are one GEMM each over all rows from the (M, r)-sized factors kept across blocks."""
-    n_in, (m, k), inner = len(in_bases), x2.shape, down_base.shape[1]
-    widths = [base.shape[0] for base in in_bases]
-    in_lora, down_lora = a_all is not None, a_down is not None
-    need_dh = need_dx or any(need_a[:n_in]) or any(need_b[:n_in])
-    dyb_down = dy2 @ b_down if down_lora and (need_dh or need_a[n_in]) else None        # (M, r_d)
-    dyb_in = torch.empty(m, a_all.shape[0], dtype=dtype, device=x2.device) \
-        if in_lora and need_dh and (need_dx or any(need_a[:n_in])) else None            # (M, R)
-    da_down = torch.zeros(a_down.shape, dtype=torch.float32, device=x2.device) \
-        if down_lora and need_a[n_in] else None                                            # (r_d, I)
-    db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
-        if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
-    dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
-    # Each weight materialized once for all blocks, gate and up into workspace slots of their own.
-    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
-    down_weight = down_base.materialize(dtype) if need_dh else None
-    for rows in _row_blocks(m, inner):
-        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                        side_by_side=True, weights=in_weights)
-        gate, up = y_in.chunk(2, dim=-1)
-        if da_down is not None:
-            da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
-        if not need_dh:
-            continue
-        dh = _base_input_grad(dy2[rows], [down_base], dtype, weights=[down_weight])
-        if dyb_down is not None:
-            dh.addmm_(dyb_down[rows], a_down)
-        activation_backward(dh, gate, up, activation, inplace=True)   # y_in now holds dgate | dup
-        del dh
-        if db_in is not None:
-            db_in += y_in.T @ xa_all[rows]
-        if dyb_in is not None:
-            torch.mm(y_in, b_bd, out=dyb_in[rows])
-        if need_dx:
-            _base_input_grad(y_in, in_bases, dtype, out=dx[rows], weights=in_weights)
-            if dyb_in is not None:
-                dx[rows].addmm_(dyb_in[rows], a_all)
-    dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
-    if dyb_in is not None and any(need_a[:n_in]):
-        dAs[:n_in] = _split_da(dyb_in.T @ x2, As[:n_in], need_a[:n_in])
-    if db_in is not None:
-        dBs[:n_in] = _split_db(db_in, As[:n_in], Bs[:n_in], scales[:n_in], widths, need_b[:n_in])
-    if da_down is not None:
-        dAs[n_in] = da_down.to(As[n_in].dtype)
-    if down_lora and need_b[n_in]:
-        dBs[n_in] = _split_db(dy2.T @ ha, As[n_in:], Bs[n_in:], scales[n_in:], [down_base.shape[0]], [True])[0]
-    return dAs, dBs, dx
-
-
 def _pairs(adapters, n):
     """(As, Bs) lists from the flat A0, B0, A1, B1, ... inputs."""
     return [adapters[2 * i] for i in range(n)], [adapters[2 * i + 1] for i in range(n)]
@@ -575,171 +439,3 @@ def lora_projections(x: torch.Tensor, bases: Sequence, loras: Sequence[Optional[
         if base.shape[1] != x.shape[-1]:
             raise ValueError(f"x has {x.shape[-1]} features but a base weight is {base.shape} (N, K)")
     return _ProjectionsFn.apply(x, list(bases), [lo.scale if lo else 0.0 for lo in loras], *_flat_adapters(loras))
-
-
-class _MLPFn(torch.autograd.Function):
-    """down(act(gate, up)); inputs after x: in_bases (1 fused or 2), down_base, scales, activation,
-    inplace, then A/B pairs for each in-projection and for down (None where there is no LoRA)."""
-
-    @staticmethod
-    def forward(ctx, x, in_bases, down_base, scales, activation, inplace, skip_output, tiled, *adapters):
-        dtype = _compute_dtype(x)
-        n_in = len(in_bases)
-        As, Bs = _pairs(adapters, n_in + 1)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            m = x2.shape[0]
-            xa_all, a_all, b_bd = _lora_terms(x2, m, in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
-            made = {}
-
-            def hidden():  # h = act(gate, up) (M, I), making (and keeping) gate | up (M, 2I) first
-                made["y_in"] = y_in = _project(x2, in_bases, As[:n_in], xa_all, b_bd, dtype, side_by_side=True)
-                return activation_forward(*y_in.chunk(2, dim=-1), activation)
-
-            if skip_output:
-                # A recomputation whose output is never read: h A_down^T is the forward's (from the memo; hidden()
-                # runs only when it is not there) and gate | up are left to backward, made there a block of rows
-                # at a time (_mlp_backward_by_rows).
-                ha, a_down, b_down = _lora_terms(hidden, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
-                y = torch.empty(m, down_base.shape[0], dtype=dtype, device=x2.device)
-            elif tiled:  # by blocks of rows; backward makes gate | up again, by blocks too
-                y, ha, a_down, b_down = _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd,
-                                                            activation, dtype)
-            else:
-                h = hidden()
-                ha, a_down, b_down = _lora_terms(h, m, [down_base], As[n_in:], Bs[n_in:], scales[n_in:], dtype)
-                (y,) = _project(h, [down_base], As[n_in:], ha, b_down, dtype)
-                del h
-            y_in = made.get("y_in")  # None: backward makes gate | up by blocks of rows
-        ctx.in_bases, ctx.down_base, ctx.scales, ctx.activation = in_bases, down_base, scales, activation
-        ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.inplace, ctx.used = dtype, x.shape, x.dtype, inplace, False
-        ctx.save_for_backward(x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *adapters)  # y_in may be None
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, y_in, xa_all, a_all, b_bd, ha, a_down, b_down, *rest = ctx.saved_tensors
-        if ctx.inplace and ctx.used and y_in is not None:
-            raise RuntimeError("fastlm's fused LoRA MLP overwrote its saved activations during the first backward "
-                               "(in-place, to save memory); it cannot be backpropagated twice (retain_graph=True).")
-        ctx.used = True
-        n_in = len(ctx.in_bases)
-        As, Bs = _pairs(rest, n_in + 1)
-        need, dtype, scales = ctx.needs_input_grad, ctx.dtype, ctx.scales
-        need_a = [need[8 + 2 * i] for i in range(n_in + 1)]
-        need_b = [need[9 + 2 * i] for i in range(n_in + 1)]
-        need_dh = need[0] or any(need_a[:n_in]) or any(need_b[:n_in])
-        with torch.autocast(x2.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            if y_in is None:
-                dAs, dBs, dx = _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, ctx.in_bases,
-                                                     ctx.down_base, As, Bs, scales, ctx.activation, dtype, need[0],
-                                                     need_a, need_b)
-                grads = [g for pair in zip(dAs, dBs) for g in pair]
-                dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-                return (dx, None, None, None, None, None, None, None, *grads)
-            gate, up = y_in.chunk(2, dim=-1)
-            # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
-            # activation backward below overwrites them).
-            (dA_down,), (dB_down,), dh = _backward_group(
-                dy2, lambda: activation_forward(gate, up, ctx.activation), ha, a_down, b_down, [ctx.down_base],
-                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:])
-            dAs, dBs, dx = [None] * n_in, [None] * n_in, None
-            if need_dh:
-                dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
-                del dh
-                d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
-                dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in], Bs[:n_in],
-                                               scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
-        grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
-        dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, None, None, None, None, None, *grads)
-
-
-def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype):
-    """The MLP's output (M, H) computed a block of rows at a time (_row_blocks): gate | up and h of one block,
-    3 x (M_b, I), instead of the whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB). The weights
-    are materialized once (gate and up into workspace slots 1, 2). x2 (M, K) in the compute dtype `dtype`;
-    xa_all, b_bd: _lora_terms of the in-projections. Returns (y, ha, A_down, B_down): h A_down^T (M, r) and the
-    down LoRA's casts (None without one); ha also goes into the memo, as the unblocked forward leaves it for the
-    recomputation."""
-    n_in, m, (hidden, inner) = len(in_bases), x2.shape[0], down_base.shape
-    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
-    down_weight = down_base.materialize(dtype)
-    a_down = b_down = ha = None
-    if As[n_in] is not None:
-        a_down = _stacked_a([As[n_in]], dtype)                                                    # (r, I)
-        b_down = _block_diagonal_b([Bs[n_in]], [scales[n_in]], [hidden], [a_down.shape[0]], dtype)
-        ha = torch.empty(m, a_down.shape[0], dtype=dtype, device=x2.device)                      # (M, r)
-    y = torch.empty(m, hidden, dtype=dtype, device=x2.device)
-    for rows in _row_blocks(m, inner):
-        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                        side_by_side=True, weights=in_weights)
-        h = activation_forward(*y_in.chunk(2, dim=-1), activation)
-        del y_in
-        if down_base.bias is None:
-            torch.mm(h, down_weight.T, out=y[rows])
-        else:
-            torch.addmm(down_base.bias.to(dtype), h, down_weight.T, out=y[rows])
-        if ha is not None:
-            torch.mm(h, a_down.T, out=ha[rows])
-            y[rows].addmm_(ha[rows], b_down.T)
-    if ha is not None:
-        _lora_input_product(None, a_down, [As[n_in]], m, made=ha)  # kept for the recomputation
-    return y, ha, a_down, b_down
-
-
-def _mlp_forward_by_rows(x, in_bases, loras, down_base, activation):
-    """lora_mlp's output where nothing is differentiated (autograd off: the first pass of gradient checkpointing),
-    by blocks of rows (_mlp_output_by_rows): in the layer graphs' pool the unblocked first pass was the largest
-    working set (bench/RESULTS.md run 31)."""
-    dtype, n_in = _compute_dtype(x), len(in_bases)
-    As, Bs = [lo.A if lo else None for lo in loras], [lo.B if lo else None for lo in loras]
-    scales = [lo.scale if lo else 0.0 for lo in loras]
-    with torch.autocast(x.device.type, enabled=False):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        xa_all, _, b_bd = _lora_terms(x2, x2.shape[0], in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
-        y = _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype)[0]
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[LoRA]], down_base,
-             down_lora: Optional[LoRA], activation: str, inplace_backward: bool = True,
-             output_feeds_residual: bool = False, tiled: bool = False) -> torch.Tensor:
-    """The gated MLP with LoRA on any of its projections, as one autograd node (see the module docstring).
-
-    Args:
-        x: (..., H) activations.
-        in_bases: [gate (I, H), up (I, H)] or [gate_up (2I, H)] (gate first half, as Phi-3 splits it).
-        in_loras: LoRA or None per in-projection. down_base: (H, I). down_lora: LoRA or None.
-        activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, tanh form: Gemma) or "gelu" (exact erf).
-        inplace_backward: write dgate/dup over the saved gate/up (saves 2 x (M, I); single backward only).
-        output_feeds_residual: the caller only adds the output to the residual stream (no norm after it), so
-            during a gradient-checkpointing recomputation (`reuse_casts(..., recomputing=True)`) the output's
-            value is never read: its down-projection (dequantization, GEMM, LoRA term) is skipped there and
-            the result left unset, while everything backward needs is still saved. Off by default.
-        tiled: compute the output by blocks of rows and save x only (not gate | up): backward makes gate | up
-            again by blocks (_mlp_backward_by_rows), 2 of the MLP's 3 big GEMMs again for at most 3 x (M_b, I)
-            of activations instead of 3 x (M, I) (Unsloth's `unsloth_tiled_mlp`). Where the output feeds the
-            residual sum, fastlm's offloaded checkpointing already runs the MLP this way at no extra cost.
-    Returns:
-        (..., H) in the compute dtype (unset values in a recomputation with output_feeds_residual). With autograd
-        off (gradient checkpointing's first pass) no node is made and the output is computed by blocks of rows
-        (_mlp_forward_by_rows).
-    """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if len(in_bases) not in (1, 2) or len(in_loras) != len(in_bases):
-        raise ValueError("in_bases must be [gate, up] or [gate_up], with one LoRA (or None) each")
-    width = sum(b.shape[0] for b in in_bases)
-    if width % 2 or down_base.shape[1] != width // 2 or any(b.shape[1] != x.shape[-1] for b in in_bases) or \
-            len({b.shape[0] for b in in_bases}) != 1:
-        raise ValueError(f"MLP shapes do not fit: x (..., {x.shape[-1]}), in {[b.shape for b in in_bases]}, "
-                         f"down {down_base.shape}")
-    loras = list(in_loras) + [down_lora]
-    if not torch.is_grad_enabled():
-        return _mlp_forward_by_rows(x, list(in_bases), loras, down_base, activation)
-    scales = [lo.scale if lo else 0.0 for lo in loras]
-    skip_output = output_feeds_residual and _recomputing()
-    return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output, tiled,
-                        *_flat_adapters(loras))

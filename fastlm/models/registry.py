@@ -35,7 +35,7 @@ class ModelSpec:
         mlp_activation_attr: the MLP attribute holding the activation module ("act_fn"; Phi-3 "activation_fn").
         mlp_feeds_residual: the decoder layer adds the MLP's output straight to the residual stream (no norm on
             it, as Gemma 2/3's post_feedforward_layernorm), so backward never reads that output's value and a
-            gradient-checkpointing recomputation may skip the down projection (fastlm.kernels.lora.lora_mlp).
+            gradient-checkpointing recomputation may skip the down projection (fastlm.kernels.lora_mlp.lora_mlp).
     """
     model_type: str
     norm: str = "rms"

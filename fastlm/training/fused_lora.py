@@ -1,4 +1,4 @@
-"""Put fastlm's fused LoRA (fastlm.kernels.lora) under a PEFT model's MLPs and attention projections.
+"""Put fastlm's fused LoRA (fastlm.kernels.lora, lora_mlp) under a PEFT model's MLPs and attention projections.
 
 Everything happens on the model instance: the fused paths are installed by setting `forward` on module
 instances (the MLP, each LoRA projection) and by adding `fastlm_project_qkv` to each attention module,
@@ -23,7 +23,8 @@ from collections import Counter
 
 import torch
 
-from fastlm.kernels.lora import DenseWeight, Int8Weight, LoRA, NF4Weight, lora_mlp, lora_projections
+from fastlm.kernels.lora import DenseWeight, Int8Weight, LoRA, NF4Weight, lora_projections
+from fastlm.kernels.lora_mlp import lora_mlp
 
 logger = logging.getLogger("fastlm")
 

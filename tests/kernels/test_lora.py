@@ -1,4 +1,4 @@
-"""Fused LoRA math (fastlm.kernels.lora) vs its plain-PyTorch definition: outputs, dx, dA, dB.
+"""Fused LoRA math (fastlm.kernels.lora, lora_mlp) vs its plain-PyTorch definition: outputs, dx, dA, dB.
 
 Tolerance: the fused code sums the same products in another order (x W^T then += s (x A^T) B^T in one
 addmm; dx accumulated over projections), so each element may differ from the reference by the rounding of
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastlm.kernels import lora as op
+from fastlm.kernels import lora_mlp as mlp
 from tests.kernels.check import ULP, assert_no_worse_than_reference
 
 
@@ -78,11 +79,11 @@ def _check_mlp(y, got, x, in_bases, in_loras, down, down_lora, activation, upstr
     orders them, for the upstream gradient `upstream`) against PyTorch's reference in the same dtype and the fp64
     result: the tolerance of this file."""
     params = _params(x, in_loras + [down_lora])
-    ref = op.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
+    ref = mlp.reference_mlp(x, in_bases, in_loras, down, down_lora, activation)
     ref_grads = _grads([ref], params, [upstream])
     x64 = x.detach().double().requires_grad_()
     loras64 = [_lora64(lo) for lo in in_loras + [down_lora]]
-    exact = op.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
+    exact = mlp.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:-1], _to64(down), loras64[-1], activation)
     exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
     if y is not None:
         _close(y, ref, exact, dtype, "y")
@@ -155,7 +156,7 @@ def test_mlp_fp32(activation, n_in, with_lora, inplace, device):
     down = _dense(h, i, torch.float32, device, gen=gen)
     down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
     params = _params(x, in_loras + [down_lora])
-    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, inplace_backward=inplace)
+    y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, inplace_backward=inplace)
     up = torch.randn(y.shape, generator=gen).to(device)
     _check_mlp(y, _grads([y], params, [up]), x, in_bases, in_loras, down, down_lora, activation, up, torch.float32)
 
@@ -165,7 +166,7 @@ def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkey
     (another (M, I)) is made: kept alive, it raised Llama-3.2-1B QLoRA's peak by 128 MiB (bench/RESULTS.md run
     17). Every h is recorded by a weak reference; the down weight checks the newest one when backward asks for it."""
     made = []
-    activation_forward = op.activation_forward
+    activation_forward = mlp.activation_forward
 
     def recording(gate, up, activation):
         h = activation_forward(gate, up, activation)
@@ -180,13 +181,13 @@ def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkey
                 self.h_alive.append(made[-1]() is not None)
             return super().materialize(dtype)
 
-    monkeypatch.setattr(op, "activation_forward", recording)
+    monkeypatch.setattr(mlp, "activation_forward", recording)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 24, generator=gen).to(device).requires_grad_()
     in_bases = [_dense(40, 24, torch.float32, device, gen=gen) for _ in range(2)]
     in_loras = [_lora(40, 24, 4, device, gen) for _ in range(2)]
     down = Down(_dense(24, 40, torch.float32, device, gen=gen).weight)
-    y = op.lora_mlp(x, in_bases, in_loras, down, _lora(24, 40, 4, device, gen), "silu")
+    y = mlp.lora_mlp(x, in_bases, in_loras, down, _lora(24, 40, 4, device, gen), "silu")
     down.in_backward = True
     y.sum().backward()
     assert len(made) == 2 and down.h_alive == [False]  # h made twice (forward, backward), gone when dx is made
@@ -202,10 +203,10 @@ def test_mlp_without_triton_matches(device, monkeypatch):
     params = _params(x, loras + [down_lora])
 
     def run():
-        y = op.lora_mlp(x, bases, loras, down, down_lora, "gelu_tanh")
+        y = mlp.lora_mlp(x, bases, loras, down, down_lora, "gelu_tanh")
         return [y] + list(torch.autograd.grad(y.square().sum(), params))
     with_kernels = run()
-    monkeypatch.setattr(op, "use_triton", lambda *tensors: False)
+    monkeypatch.setattr(mlp, "use_triton", lambda *tensors: False)
     without = run()
     for a, b in zip(with_kernels, without):
         # fp32 kernel vs fp32 torch activation: a few fp32 ulps apart, relative to the largest value.
@@ -216,7 +217,7 @@ def test_mlp_second_backward_raises(device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, generator=gen).to(device).requires_grad_()
     bases = [_dense(8, 16, torch.float32, device, gen=gen) for _ in range(2)]
-    y = op.lora_mlp(x, bases, [None, None], _dense(16, 8, torch.float32, device, gen=gen), None, "silu")
+    y = mlp.lora_mlp(x, bases, [None, None], _dense(16, 8, torch.float32, device, gen=gen), None, "silu")
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         y.sum().backward()
@@ -227,11 +228,11 @@ def test_bad_shapes_raise(device):
     with pytest.raises(ValueError, match="features"):
         op.lora_projections(torch.randn(2, 15), [base], [None])
     with pytest.raises(ValueError, match="activation"):
-        op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 8, torch.float32, device), None, "relu")
+        mlp.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 8, torch.float32, device), None, "relu")
     with pytest.raises(ValueError, match="MLP shapes"):
-        op.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 9, torch.float32, device), None, "silu")
+        mlp.lora_mlp(torch.randn(2, 16), [base, base], [None, None], _dense(16, 9, torch.float32, device), None, "silu")
     with pytest.raises(ValueError, match="MLP shapes"):  # gate and up of other widths (their sum would fit)
-        op.lora_mlp(torch.randn(2, 16), [_dense(6, 16, torch.float32, device), _dense(10, 16, torch.float32, device)],
+        mlp.lora_mlp(torch.randn(2, 16), [_dense(6, 16, torch.float32, device), _dense(10, 16, torch.float32, device)],
                     [None, None], _dense(16, 8, torch.float32, device), None, "silu")
 
 
@@ -242,7 +243,7 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     """bf16 on the H200: within bf16 rounding of the fp64 result, as PyTorch's own bf16 reference is. recomputed:
     gradient checkpointing's passes, by blocks of 96 rows (258 rows: the last block shorter): the first under
     no_grad, then the recomputation's node, whose backward makes gate | up by blocks."""
-    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", 96 * 704)
+    monkeypatch.setattr(mlp, "MLP_ROW_BLOCK_ELEMENTS", 96 * 704)
     gen = torch.Generator().manual_seed(0)
     h, i = 256, 704
     x = torch.randn(2, 129, h, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
@@ -253,10 +254,10 @@ def test_mlp_bf16_gpu(n_in, recomputed, monkeypatch):
     params = _params(x, in_loras + [down_lora])
     memo = {}
     with op.reuse_casts(memo), torch.set_grad_enabled(not recomputed):
-        y = y_first = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
+        y = y_first = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
     if recomputed:
         with op.reuse_casts(memo, recomputing=True):
-            y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
+            y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, "silu", output_feeds_residual=True)
     up = torch.randn(y.shape, generator=gen).to("cuda", torch.bfloat16)
     # LoRA grads are computed from bf16 operands here and cast to fp32 (PEFT uses fp32 operands): judged at bf16
     # precision. The output checked is the first pass's (a recomputation's output is left unset).
@@ -331,7 +332,7 @@ def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
     upstream = torch.randn(3, 7, 24, generator=gen).to(device)
 
     def grads():
-        y = op.lora_mlp(x, [gate, up], loras[:2], down, loras[2], "silu", output_feeds_residual=feeds_residual)
+        y = mlp.lora_mlp(x, [gate, up], loras[:2], down, loras[2], "silu", output_feeds_residual=feeds_residual)
         return y, _grads([y], _params(x, loras), [upstream])
 
     y_normal, expected = grads()
@@ -348,9 +349,9 @@ def test_mlp_recomputation_skips_unused_output(feeds_residual, device):
 
 def _record_row_blocks(block_elements: int, monkeypatch) -> list:
     """Set MLP_ROW_BLOCK_ELEMENTS; returns the list that gets every _row_blocks answer (one per blocked pass)."""
-    monkeypatch.setattr(op, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
-    blocks, row_blocks = [], op._row_blocks
-    monkeypatch.setattr(op, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
+    monkeypatch.setattr(mlp, "MLP_ROW_BLOCK_ELEMENTS", block_elements)
+    blocks, row_blocks = [], mlp._row_blocks
+    monkeypatch.setattr(mlp, "_row_blocks", lambda m, inner: (blocks.append(row_blocks(m, inner)), blocks[-1])[1])
     return blocks
 
 
@@ -386,12 +387,12 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
 
     memo = {}
     with op.reuse_casts(memo), torch.set_grad_enabled(first_pass == "autograd"):
-        y_first = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+        y_first = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
     assert len(blocks) == (first_pass == "no_grad") and all(len(b) == len(expected_blocks) for b in blocks)
     blocks.clear()
     counts = [b.calls for b in in_bases + [down]]
     with op.reuse_casts(memo, recomputing=True):
-        y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+        y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
     assert [b.calls for b in in_bases + [down]] == counts  # nothing projected in the recomputation
     got = _grads([y], params, [upstream])
     assert [b.calls - c for b, c in zip(in_bases + [down], counts)] == [1] * (n_in + 1)
@@ -401,10 +402,10 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
 
 def test_mlp_row_blocks():
     """Blocks of MLP_ROW_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
-    assert op._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]
-    assert [b.stop - b.start for b in op._row_blocks(4096, 14336)] == [1152, 1152, 1152, 640]
-    assert op._row_blocks(5, 1 << 30) == [slice(i, i + 1) for i in range(5)]
-    assert op._row_blocks(300, 1 << 16) == [slice(0, 256), slice(256, 300)]
+    assert mlp._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]
+    assert [b.stop - b.start for b in mlp._row_blocks(4096, 14336)] == [1152, 1152, 1152, 640]
+    assert mlp._row_blocks(5, 1 << 30) == [slice(i, i + 1) for i in range(5)]
+    assert mlp._row_blocks(300, 1 << 16) == [slice(0, 256), slice(256, 300)]
 
 
 @pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
@@ -416,7 +417,7 @@ def test_tiled_mlp_saves_x_only_and_matches(activation, n_in, with_lora, device,
     x, in_bases, in_loras, down, down_lora, upstream = _blocked_mlp_case(n_in, with_lora, device, seed=8)
     h, i = x.shape[-1], down.shape[1]
     params = _params(x, in_loras + [down_lora])
-    y = op.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, tiled=True)
+    y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, tiled=True)
     saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None]
     assert (15, h) in saved and not any(s[0] == 15 and s[-1] in (i, 2 * i) for s in saved)  # x kept, no gate | up, h
     got = _grads([y], params, [upstream])
