@@ -155,8 +155,9 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
 
 
 class _MLPFn(torch.autograd.Function):
-    """down(act(gate, up)); inputs after x: in_bases (1 fused or 2), down_base, scales, activation,
-    inplace, then A/B pairs for each in-projection and for down (None where there is no LoRA)."""
+    """down(act(gate, up)); inputs after x: in_bases (1 fused or 2), down_base, scales, activation, inplace,
+    skip_output, tiled (see lora_mlp), then A/B pairs for each in-projection and for down (None where there is no
+    LoRA)."""
 
     @staticmethod
     def forward(ctx, x, in_bases, down_base, scales, activation, inplace, skip_output, tiled, *adapters):
@@ -266,13 +267,12 @@ def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, a
     return y, ha, a_down, b_down
 
 
-def _mlp_forward_by_rows(x, in_bases, loras, down_base, activation):
+def _mlp_forward_by_rows(x, in_bases, down_base, scales, activation, adapters):
     """lora_mlp's output where nothing is differentiated (autograd off: the first pass of gradient checkpointing),
     by blocks of rows (_mlp_output_by_rows): in the layer graphs' pool the unblocked first pass was the largest
-    working set (bench/RESULTS.md run 31)."""
+    working set (bench/RESULTS.md run 31). Arguments as _MLPFn.forward takes them."""
     dtype, n_in = _compute_dtype(x), len(in_bases)
-    As, Bs = [lo.A if lo else None for lo in loras], [lo.B if lo else None for lo in loras]
-    scales = [lo.scale if lo else 0.0 for lo in loras]
+    As, Bs = _pairs(adapters, n_in + 1)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         xa_all, _, b_bd = _lora_terms(x2, x2.shape[0], in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype)
@@ -314,9 +314,9 @@ def lora_mlp(x: torch.Tensor, in_bases: Sequence, in_loras: Sequence[Optional[Lo
         raise ValueError(f"MLP shapes do not fit: x (..., {x.shape[-1]}), in {[b.shape for b in in_bases]}, "
                          f"down {down_base.shape}")
     loras = list(in_loras) + [down_lora]
+    scales, adapters = [lo.scale if lo else 0.0 for lo in loras], _flat_adapters(loras)
     if not torch.is_grad_enabled():
-        return _mlp_forward_by_rows(x, list(in_bases), loras, down_base, activation)
-    scales = [lo.scale if lo else 0.0 for lo in loras]
+        return _mlp_forward_by_rows(x, list(in_bases), down_base, scales, activation, adapters)
     skip_output = output_feeds_residual and _recomputing()
     return _MLPFn.apply(x, list(in_bases), down_base, scales, activation, inplace_backward, skip_output, tiled,
-                        *_flat_adapters(loras))
+                        *adapters)

@@ -282,8 +282,10 @@ def install_fused_lora(model, verbose: bool = True, mlp_feeds_residual: bool = F
     for _, module in model.named_modules():
         parts = _mlp_parts(module)
         act = next((getattr(module, a) for a in MLP_ACTIVATION_ATTRS if hasattr(module, a)), None)
-        plain_mlps += parts is not None and act is not None and not _has_lora(parts[0] + [parts[1]])
-        if parts is not None and act is not None and _has_lora(parts[0] + [parts[1]]):
+        is_mlp = parts is not None and act is not None
+        has_lora = is_mlp and _has_lora(parts[0] + [parts[1]])
+        plain_mlps += is_mlp and not has_lora
+        if has_lora:
             activation = detect_activation(act)
             reason = _mlp_plan(module)[-1] if activation else f"activation {type(act).__name__} not supported"
             if reason:
