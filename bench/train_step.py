@@ -115,7 +115,17 @@ def _layer_graphs(model):
     return None
 
 
-def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None):
+def step_lengths(steps: int, seq: int, lengths) -> list:
+    """The sequence length of each of the 3 + `steps` steps: `seq` throughout, or with lengths=(lo, hi) one drawn
+    uniformly from [lo, hi] per step (seeded: the same list for every implementation), as batches padded to their
+    longest example have."""
+    if lengths is None:
+        return [seq] * (3 + steps)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randint(lengths[0], lengths[1] + 1, (3 + steps,), generator=g).tolist()
+
+
+def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -125,7 +135,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # the training peak is measured apart from loading's
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).cuda()
+    per_step = step_lengths(steps, seq, lengths)
+    ids = torch.randint(3, model.config.vocab_size, (batch, max(per_step)), generator=g).cuda()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     losses, times = [], []
@@ -140,7 +151,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            step_ids = ids[:, :per_step[step]]
+            loss = model(input_ids=step_ids, labels=step_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -154,8 +166,13 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                 pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(60)
     graphs = _layer_graphs(model) if fast else None
     ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
-    tokens_per_s = batch * seq / (ms / 1000)
-    mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
+    if lengths is None:
+        tokens_per_s = batch * seq / (ms / 1000)
+        mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
+    else:  # every timed step's tokens over their whole time (steps that capture graphs included); MFU at the mean length
+        tokens_per_s = batch * sum(per_step[3:]) / sum(times[3:])
+        mean = sum(per_step[3:]) / len(per_step[3:])
+        mfu = tokens_per_s * flops_per_token(model.config, round(mean)) / (PEAK_BF16_TFLOPS * 1e12)
     row = dict(variant=variant, impl="fastlm" if fast else "hf+peft", batch=batch, seq=seq, ms_per_step=round(ms, 1),
                tokens_per_s=round(tokens_per_s), mfu=round(mfu, 3),
                peak_alloc_gib=round(max(warm_up_peaks[0], torch.cuda.max_memory_allocated()) / 2**30, 2),
@@ -164,12 +181,18 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                timed_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), alloc_conf=allocator_settings())
+    if lengths is not None:  # the lengths, and the time of the last half of the steps (most shapes seen by then)
+        half = len(times) // 2
+        row.update(lengths=f"{lengths[0]}-{lengths[1]}", seq=None, mean_length=round(mean),
+                   last_half_tokens_per_s=round(batch * sum(per_step[half:]) / sum(times[half:])),
+                   step_ms=[round(1000 * t, 1) for t in times], step_lengths=per_step)
     if fast:  # FASTLM_CUDA_GRAPHS, how many decoder-layer graphs the step replayed, their private pool's size
         pools = [segment["total_size"] for segment in torch.cuda.memory_snapshot()
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
         from fastlm.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
         from fastlm.kernels.lora_mlp import MLP_ROW_BLOCK_ELEMENTS
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
+                   length_buckets=os.environ.get("FASTLM_LENGTH_BUCKETS", "auto"),
                    mlp_block_elements=MLP_ROW_BLOCK_ELEMENTS, ce_chunk_mib=DEFAULT_CHUNK_BYTES // 2**20,
                    layer_graphs=graphs.captured() if graphs is not None else 0,
                    graph_pool_gib=round(sum(pools) / 2**30, 2))
@@ -189,6 +212,8 @@ def main():
                         help="fastlm.kernels.lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2**N for this run (a sweep)")
     parser.add_argument("--ce-chunk-mib", type=int, default=None,
                         help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (a sweep)")
+    parser.add_argument("--lengths", default=None,
+                        help="LO-HI: each step's sequence length drawn from [LO, HI] (seeded), not --seq")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
@@ -208,8 +233,9 @@ def main():
             try:
                 impl = "fastlm" if fast else "hf"
                 cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
+                lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
-                                        cprofile_to=cprofile_to if args.cprofile else None))
+                                        cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths))
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

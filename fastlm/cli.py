@@ -125,7 +125,8 @@ def env() -> None:
             lines.append(f"cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}")
     else:
         lines.append(f"no CUDA GPU: training runs on the CPU ({os.cpu_count()} cores)")
-    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "FASTLM_FAST_PATH", "FASTLM_CUDA_GRAPHS"):
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "FASTLM_FAST_PATH", "FASTLM_CUDA_GRAPHS",
+                 "FASTLM_LENGTH_BUCKETS"):
         if name in os.environ:  # settings that change speed and memory (fastlm sets the first one at import)
             lines.append(f"{name}={os.environ[name]}")
     print("\n".join(lines))

@@ -11,6 +11,9 @@ When PEFT wraps the model, PeftModelForCausalLM -> LoraModel -> this forward; an
 modules_to_save (a ModulesToSaveWrapper) contributes its active trained copy's weight. Where the fused loss
 cannot reproduce transformers (an lm_head that is not a plain Linear, e.g. LoRA on lm_head; a custom
 `loss_function`; logits_to_keep together with labels) the class forward runs instead.
+
+In training under fastlm's CUDA-graphed checkpointing the decoder may see the batch lengthened to a length bucket
+(fastlm/training/length_buckets.py); the loss and every returned tensor are those of the batch as given.
 """
 import functools
 import inspect
@@ -19,6 +22,7 @@ import logging
 import torch
 
 from fastlm.kernels.cross_entropy import fused_linear_cross_entropy
+from fastlm.training import length_buckets
 
 logger = logging.getLogger("fastlm")
 
@@ -93,15 +97,21 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
         _fall_back(reason)
         return class_forward(self, *args, **kwargs)
 
+    shift_labels = extra.get("shift_labels")
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
-    hidden = outputs[0]  # (B, T, H)
+    padded_to = length_buckets.padded_length(self, arguments, extra)
+    decoder_arguments = arguments if padded_to is None else length_buckets.pad_batch(arguments, padded_to)
+    outputs = getattr(self, self.base_model_prefix)(**decoder_arguments, **extra)
+    hidden = outputs[0]  # (B, T, H), or (B, T', H) when the batch was padded to a length bucket
+    hidden_states, attentions = getattr(outputs, "hidden_states", None), getattr(outputs, "attentions", None)
+    if padded_to is not None:
+        hidden, hidden_states, attentions = length_buckets.cut_outputs(
+            hidden, hidden_states, attentions, length_buckets.batch_length(arguments))
     weight, bias = linear.weight, linear.bias
     if hidden.dtype != weight.dtype:  # an fp32-trained lm_head sees fp32 inputs (fastlm's upcast hook does this)
         hidden = hidden.to(weight.dtype)
-    shift_labels = extra.get("shift_labels")
     softcap = getattr(self.config, final_softcap_key, None) if final_softcap_key else None
     loss = fused_linear_cross_entropy(
         hidden.to(weight.device), weight, labels if shift_labels is None else shift_labels, bias,
@@ -110,7 +120,6 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
     cache_name = _cache_field(CausalLMOutputWithPast)
-    result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
-                                    attentions=getattr(outputs, "attentions", None),
+    result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=hidden_states, attentions=attentions,
                                     **{cache_name: getattr(outputs, _cache_field(type(outputs)), None)})
     return result if return_dict else result.to_tuple()

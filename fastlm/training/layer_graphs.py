@@ -18,16 +18,17 @@ the forward graph are read by the backward graph), and the recomputation skips w
 
 Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/sin, mask, position ids) and the
 flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
-on one stream). Before a replay the inputs are copied in (a bound tensor only when it is not the one already
-there); after it the results are copied out (x's output, dx, one copy of the flat gradients whose slices become
-the parameters' gradients). Everything else a graph allocates lives in one private memory pool per device shared
+on one stream); x and dy are views of one buffer per device and dtype shared by all signatures (_static_pair).
+Before a replay the inputs are copied in (a bound tensor only when it is not the one already there); after it the
+results are copied out (x's output, dx, one copy of the flat gradients whose slices become the parameters'
+gradients). Everything else a graph allocates lives in one private memory pool per device shared
 by all graphs, reused from graph to graph; it is reserved, not allocated, memory for torch.cuda's statistics
 (bench/RESULTS.md reports both).
 
 When a layer is not graphed (it runs as before, eagerly):
   - the first call with a signature (that call is the warm-up; the second one captures), or more than
-    MAX_SIGNATURES_PER_LAYER signatures seen for the layer (varying sequence lengths: pad to a multiple, e.g.
-    DataCollatorForSeq2Seq(pad_to_multiple_of=64), to keep them few);
+    MAX_SIGNATURES_PER_LAYER signatures seen for the layer (fastlm's causal-LM forward rounds training batches up
+    to a few lengths, fastlm/training/length_buckets.py, to keep them few);
   - dropout with p > 0 anywhere in the layer (random numbers would be frozen into the graph), a layer whose output
     is not one tensor shaped like its input, an argument of a type this module does not know, extra positional
     arguments; each logged once;
@@ -55,11 +56,13 @@ from fastlm.training.fused_lora import projection_state
 logger = logging.getLogger("fastlm")
 
 SWITCH = "FASTLM_CUDA_GRAPHS"
-# Signatures (mostly batch shapes) captured per layer before new ones run eagerly; a rule, not a measurement. Each
-# costs one capture per layer, its static x and dy (2 x B x T x H in the model dtype, shared by the layers) and per
-# layer its memo (LoRA casts + x A^T products, ~3.5 MB per layer at Llama-3.1-8B, batch 2 x 2048); the pool grows
-# to the largest signature's working set only.
-MAX_SIGNATURES_PER_LAYER = 4
+# Signatures (mostly batch shapes) captured per layer before new ones run eagerly: the 16 length buckets from 64 to
+# 2048 tokens (fastlm/training/length_buckets.py) and a smaller last batch for some of them. Each costs one capture
+# per layer and per layer its memo, kept in the graphs' pool (LoRA casts + x A^T products: ~2.5 MB per layer at
+# Llama-3.2-1B batch 4 x 2048, ~3.5 MB at Llama-3.1-8B batch 2 x 2048, so ~0.04-0.1 GiB per signature for the
+# model); x and dy are shared by all signatures (_static_pair) and the rest of the pool is the largest signature's
+# working set. bench/RESULTS.md run 37: 12 lengths at 1B QLoRA, pool 0.94 GiB against 0.46 GiB for one.
+MAX_SIGNATURES_PER_LAYER = 24
 
 
 def graphs_enabled() -> bool:
@@ -126,7 +129,7 @@ def _layer_state(layer: nn.Module) -> tuple:
     return tuple(state)
 
 
-def _dropout_reason(layer: nn.Module) -> Optional[str]:
+def dropout_reason(layer: nn.Module) -> Optional[str]:
     for name, module in layer.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"dropout p={module.p} at {name}"
@@ -137,14 +140,15 @@ def _dropout_reason(layer: nn.Module) -> Optional[str]:
 
 class _Statics:
     """Static inputs/outputs shared by the layer graphs of one signature: x (B, T, H) (the forward's output is
-    written over it), grad (B, T, H) (dy in, dx out), and one buffer per bound tensor."""
+    written over it), grad (B, T, H) (dy in, dx out), both views of the device's shared static buffer (see
+    LayerGraphs._static_pair), and one buffer per bound tensor."""
 
-    def __init__(self, x: torch.Tensor, bound: list):
-        self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        self.grad = torch.zeros_like(self.x)
+    def __init__(self, x: torch.Tensor, grad: torch.Tensor, bound: list):
+        self.x, self.grad = x, grad
         self.bound = [torch.empty_like(t) for t in bound]
         self.sources = [None] * len(bound)  # (weakref, version) of the tensor each bound buffer holds
 
+    @torch.no_grad()  # a copy tracked by autograd into a view would give the shared buffer, and every view, a grad_fn
     def load(self, x: torch.Tensor, bound: list) -> None:
         self.x.copy_(x)
         for i, (buffer, tensor) in enumerate(zip(self.bound, bound)):
@@ -175,10 +179,11 @@ class LayerGraph:
     def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor]):
         """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient."""
         self.statics.load(x, bound)
-        if grad_output is None:
-            self.statics.grad.zero_()
-        else:
-            self.statics.grad.copy_(grad_output)
+        with torch.no_grad():
+            if grad_output is None:
+                self.statics.grad.zero_()
+            else:
+                self.statics.grad.copy_(grad_output)
         self.backward_graph.replay()
         dx = self.statics.grad.clone() if self.has_dx else None
         flat = self.flat.clone() if self.flat is not None else None
@@ -198,6 +203,7 @@ class LayerGraphs:
     def __init__(self):
         self._layers = weakref.WeakKeyDictionary()  # layer module -> _LayerEntry
         self._statics = {}   # signature of the arguments -> _Statics
+        self._shared = {}    # (device, dtype) -> the static buffer x and grad of every signature are views of
         self._flats = {}     # (device, dtype, total) -> flat gradient buffer
         self._pools = {}     # device -> graph memory pool handle
         self._streams = {}   # device -> capture stream
@@ -242,9 +248,10 @@ class LayerGraphs:
             return self._eager("first call with this signature")
         if len(entry.graphs) >= MAX_SIGNATURES_PER_LAYER:
             self._log_once(f"a decoder layer was called with more than {MAX_SIGNATURES_PER_LAYER} input shapes; "
-                           "new shapes run without CUDA graphs (pad batches to a multiple of 64 to keep them few)")
+                           "new shapes run without CUDA graphs (fewer distinct batch shapes, e.g. packing to a "
+                           "fixed length, avoid this)")
             return self._eager("too many signatures")
-        reason = _dropout_reason(layer)
+        reason = dropout_reason(layer)
         if reason is not None:
             return self._refuse(entry, layer, reason)
         try:
@@ -270,10 +277,27 @@ class LayerGraphs:
         self.why_eager = reason  # the latest eager call's reason, for tests and debugging
         return None
 
+    def _static_pair(self, x: torch.Tensor) -> tuple:
+        """(x, grad): two (B, T, H) views, at offsets 0 and x.numel(), of one buffer shared by every signature on
+        x's device and dtype, replaced by a new one (zeroed, exactly 2 x.numel()) when a signature needs more.
+
+        Sharing is safe because replays run one at a time on one stream and each replay copies in all it reads
+        (LayerGraph.forward / backward): no signature's values live in x or grad between its replays. So the static
+        memory is the largest signature's when it comes first, and never more than the sum over signatures (batches
+        of 16 length buckets from 64 to 2048 tokens would sum to 6x the longest's). A graph keeps the buffer it was
+        captured with alive through its views.
+        """
+        key = (x.device, x.dtype)
+        buffer = self._shared.get(key)
+        if buffer is None or buffer.numel() < 2 * x.numel():
+            buffer = self._shared[key] = torch.zeros(2 * x.numel(), dtype=x.dtype, device=x.device)
+        n = x.numel()
+        return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
+
     def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature) -> LayerGraph:
         statics = self._statics.get(signature)
         if statics is None:
-            statics = self._statics[signature] = _Statics(x, bound)
+            statics = self._statics[signature] = _Statics(*self._static_pair(x), bound)
         replacements = iter(statics.bound)  # one iterator: args first, then keywords, as _describe saw them
         static_args = _substitute(function.args, replacements)
         run = functools.partial(function.func, *static_args, **_substitute(function.keywords, replacements))
