@@ -191,8 +191,10 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                  if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)]
         from fastlm.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
         from fastlm.kernels.lora_mlp import MLP_ROW_BLOCK_ELEMENTS
+        from fastlm.training import length_buckets
         row.update(cuda_graphs=os.environ.get("FASTLM_CUDA_GRAPHS", "1"),
                    length_buckets=os.environ.get("FASTLM_LENGTH_BUCKETS", "auto"),
+                   buckets_per_octave=length_buckets.BUCKETS_PER_OCTAVE,
                    mlp_block_elements=MLP_ROW_BLOCK_ELEMENTS, ce_chunk_mib=DEFAULT_CHUNK_BYTES // 2**20,
                    layer_graphs=graphs.captured() if graphs is not None else 0,
                    graph_pool_gib=round(sum(pools) / 2**30, 2))
@@ -212,6 +214,8 @@ def main():
                         help="fastlm.kernels.lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2**N for this run (a sweep)")
     parser.add_argument("--ce-chunk-mib", type=int, default=None,
                         help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (a sweep)")
+    parser.add_argument("--buckets-per-octave", type=int, default=None,
+                        help="fastlm.training.length_buckets.BUCKETS_PER_OCTAVE for this run (a sweep)")
     parser.add_argument("--lengths", default=None,
                         help="LO-HI: each step's sequence length drawn from [LO, HI] (seeded), not --seq")
     parser.add_argument("--cprofile", action="store_true",
@@ -223,6 +227,9 @@ def main():
     if args.mlp_block_log2 is not None:
         from fastlm.kernels import lora_mlp
         lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
+    if args.buckets_per_octave is not None:
+        from fastlm.training import length_buckets
+        length_buckets.BUCKETS_PER_OCTAVE = args.buckets_per_octave
     if args.ce_chunk_mib is not None:
         from fastlm.kernels import cross_entropy
         cross_entropy.DEFAULT_CHUNK_BYTES = args.ce_chunk_mib * 2**20
