@@ -22,7 +22,8 @@ def test_bucket_lengths():
     buckets = set()
     for n in range(1, 9000):
         bucket = length_buckets.bucket_length(n)
-        buckets.add(bucket) if n <= 2048 else None
+        if n <= 2048:
+            buckets.add(bucket)
         assert bucket >= n and bucket % length_buckets.MIN_BUCKET_STEP == 0
         assert bucket - n < max(length_buckets.MIN_BUCKET_STEP, n / length_buckets.BUCKETS_PER_OCTAVE), n
     assert len(buckets) == 16  # four per doubling from 64 to 2048
