@@ -125,7 +125,8 @@ def step_lengths(steps: int, seq: int, lengths) -> list:
     return torch.randint(lengths[0], lengths[1] + 1, (3 + steps,), generator=g).tolist()
 
 
-def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None):
+def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
+                prompt_fraction=0.0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -152,7 +153,9 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             step_ids = ids[:, :per_step[step]]
-            loss = model(input_ids=step_ids, labels=step_ids).loss
+            labels = step_ids.clone()
+            labels[:, :int(prompt_fraction * labels.shape[1])] = -100  # a prompt the loss ignores
+            loss = model(input_ids=step_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -181,6 +184,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                timed_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), alloc_conf=allocator_settings())
+    if prompt_fraction:
+        row.update(prompt_fraction=prompt_fraction)
     if lengths is not None:  # the lengths, and the time of the last half of the steps (most shapes seen by then)
         half = len(times) // 2
         row.update(lengths=f"{lengths[0]}-{lengths[1]}", seq=None, mean_length=round(mean),
@@ -216,6 +221,8 @@ def main():
                         help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (a sweep)")
     parser.add_argument("--buckets-per-octave", type=int, default=None,
                         help="fastlm.training.length_buckets.BUCKETS_PER_OCTAVE for this run (a sweep)")
+    parser.add_argument("--prompt-fraction", type=float, default=0.0,
+                        help="labels -100 on the first F of every row (chat data's masked prompts)")
     parser.add_argument("--lengths", default=None,
                         help="LO-HI: each step's sequence length drawn from [LO, HI] (seeded), not --seq")
     parser.add_argument("--cprofile", action="store_true",
@@ -242,7 +249,8 @@ def main():
                 cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
                 lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
-                                        cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths))
+                                        cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
+                                        prompt_fraction=args.prompt_fraction))
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

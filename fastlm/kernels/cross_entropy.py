@@ -8,14 +8,15 @@
 Shapes and dtypes: hidden (N, H) or (B, T, H); weight (V, H); bias (V,) or None; labels (N,) or (B, T)
 int64; hidden, weight and bias share one dtype (fp32 / fp16 / bf16). Returns a 0-dim fp32 loss.
 
-How: the tokens are cut into chunks whose logits fit a memory cap (see `_rows_per_chunk`). For each
-chunk, cuBLAS computes the logits in the model dtype (fp32 accumulate); one Triton program per row then
-finds the log-sum-exp online in fp32, writes the row loss, and overwrites the logits IN PLACE with
-d(loss)/d(logits) (already divided by denom, as transformers' own backward does before its cast to the
-model dtype); two more cuBLAS calls turn that into grad_h[chunk] = dlogits @ W and (trainable lm_head)
-grad_W += dlogits.T @ h[chunk]. The chunk buffer is reused, never copied to fp32.
+How: rows whose label is ignore_index are left out first (`_labelled_rows`); the n others are cut into
+chunks whose logits fit a memory cap (see `_rows_per_chunk`). For each chunk, cuBLAS computes the logits
+in the model dtype (fp32 accumulate); one Triton program per row then finds the log-sum-exp online in
+fp32, writes the row loss, and overwrites the logits IN PLACE with d(loss)/d(logits) (already divided by
+denom, as transformers' own backward does before its cast to the model dtype); two more cuBLAS calls turn
+that into grad_h[chunk] = dlogits @ W and (trainable lm_head) grad_W += dlogits.T @ h[chunk]. The chunk
+buffer is reused, never copied to fp32.
 
-Forward saves for backward: the finished gradients grad_h (N, H), grad_W (V, H), grad_b (V,) (only those
+Forward saves for backward: the finished gradients grad_h (n, H), grad_W (V, H), grad_b (V,) (only those
 that are needed); backward only multiplies them by grad_output (0-dim) in place, so backward is cheap
 and may run once (retain_graph + a second backward raises).
 """
@@ -260,12 +261,29 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         denom = (labels != ignore_index).sum().to(torch.float32)
     else:
         denom = torch.ones((), device=hidden.device, dtype=torch.float32)
+    hidden, labels = _labelled_rows(hidden.reshape(-1, hidden.shape[-1]), labels, ignore_index)
     rows = max(1, chunk_rows or _rows_per_chunk(labels.numel(), weight.shape[0], weight.element_size(),
                                                  chunk_bytes or DEFAULT_CHUNK_BYTES))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         # loss only (evaluation): the kernel skips the gradient pass and no gradient matmul runs
-        h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-        return _chunked_loss_and_grads(h, weight, bias, labels, denom, (ignore_index, softcap, logit_scale, rows),
-                                       False, False, False)[0]
+        return _chunked_loss_and_grads(hidden.contiguous(), weight, bias, labels, denom,
+                                       (ignore_index, softcap, logit_scale, rows), False, False, False)[0]
     return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, denom, ignore_index, softcap,
                                                  logit_scale, rows)
+
+
+def _labelled_rows(hidden, labels, ignore_index):
+    """(hidden (n, H), labels (n,)): the rows of hidden (N, H) and labels (N,) whose label is not ignore_index.
+
+    Ignored rows (prompt tokens of chat data, padding) add nothing to the loss or to any gradient, so their logits
+    are never computed: with half the labels ignored the lm_head's GEMMs do half the work. The selection is
+    differentiable (index_select: its backward puts zeros in the ignored rows of grad_hidden). Finding the rows
+    reads their count back to the host (one sync per call); all rows labelled, or a CUDA graph being captured
+    (no sync allowed), keep every row.
+    """
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        return hidden, labels
+    kept = (labels != ignore_index).nonzero().squeeze(1)
+    if kept.numel() == labels.numel():
+        return hidden, labels
+    return hidden.index_select(0, kept), labels.index_select(0, kept)

@@ -175,6 +175,30 @@ def test_all_rows_ignored(device, reduction):
     assert not gh.any() and not gw.any()
 
 
+@pytest.mark.parametrize("ignored", ["some", "none"])
+def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored):
+    """Only labelled rows reach the chunked lm_head (the loss and gradients of the other cases prove the result
+    unchanged); with every row labelled all of them do, and the result is the reference's. fp32 tolerance as
+    test_no_grad_and_non_contiguous_hidden: 64 ulps for the loss, the gradients likewise (one GEMM of K = vocab
+    per element, summed in another order than the reference's full-logits GEMM)."""
+    seen = []
+    chunked = ce._chunked_loss_and_grads
+    monkeypatch.setattr(ce, "_chunked_loss_and_grads", lambda h, *a: (seen.append(h.shape[0]), chunked(h, *a))[1])
+    h, w, _, labels = _inputs((3, 7, 40), 1000, torch.float32, device)
+    if ignored == "none":
+        labels[labels == -100] = 5
+    h.requires_grad_(), w.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_rows=4)
+    assert seen == [int((labels != -100).sum())] and (seen[0] < 21) == (ignored == "some")
+    ref = reference(h, w, labels)
+    torch.testing.assert_close(loss, ref, rtol=64 * ULP[torch.float32], atol=0)
+    tol = 64 * ULP[torch.float32]
+    for got, want in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    if ignored == "some":
+        assert not torch.autograd.grad(fused_linear_cross_entropy(h, w, labels), h)[0][labels == -100].any()
+
+
 def test_no_grad_and_non_contiguous_hidden(device):
     h, w, b, labels = _inputs((5, 3, 40), 1000, torch.float32, device, bias=True)
     h = h.transpose(0, 1)  # (3, 5, 40) view, not contiguous
