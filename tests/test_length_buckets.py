@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastlm.training import length_buckets
+from tests.fixtures.compare import assert_same_loss_and_grads
 from tests.fixtures.tiny_models import SUPPORTED_TYPES
 
 RTOL = 1e-5
@@ -72,13 +73,8 @@ def _run(model, batch, monkeypatch, setting, **extra):
 
 
 def _compare(padded, plain):
-    (padded_out, padded_grads), (plain_out, plain_grads) = padded, plain
-    torch.testing.assert_close(padded_out.loss, plain_out.loss, rtol=RTOL, atol=0)
-    assert padded_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
-    for name, expected in plain_grads.items():
-        assert expected.abs().max() > 0, f"{name}: no gradient reached it (the test would prove nothing)"
-        error = (padded_grads[name] - expected).abs().max() / expected.abs().max()
-        assert error <= RTOL, f"{name}: relative gradient error {error:.2e}"
+    """padded, plain: (model output, gradients) as _run returns them."""
+    assert_same_loss_and_grads((plain[0].loss, plain[1]), (padded[0].loss, padded[1]), RTOL, "padded vs as given")
 
 
 def _batch(kind: str, length: int = 37):

@@ -14,6 +14,7 @@ from torch import nn
 from fastlm import FastLanguageModel
 from fastlm.training.checkpointing import set_gradient_checkpointing
 from fastlm.training.offload import OffloadedCheckpoint
+from tests.fixtures.compare import assert_same_loss_and_grads
 from tests.fixtures.tiny_models import VOCAB
 
 # fp32 on the CPU: checkpointing recomputes with the same ops on the same inputs, so results are bit-identical
@@ -59,18 +60,6 @@ def _loss_and_grads(model, mode, batch, seed=3):
     return loss.detach(), grads
 
 
-def _assert_same(expected, actual, rtol, what):
-    loss_e, grads_e = expected
-    loss_a, grads_a = actual
-    assert torch.allclose(loss_a, loss_e, rtol=rtol, atol=0), f"{what}: loss {loss_a.item()} != {loss_e.item()}"
-    assert grads_e.keys() == grads_a.keys()
-    for name, grad in grads_e.items():
-        scale = grad.abs().max().item()
-        assert scale > 0, f"{name}: zero gradient, the comparison would prove nothing"
-        error = (grads_a[name] - grad).abs().max().item()
-        assert error <= rtol * scale, f"{what}: {name} differs by {error:.3g} (largest entry {scale:.3g})"
-
-
 def _layers(model):
     return model.get_base_model().model.layers
 
@@ -84,8 +73,8 @@ def test_same_loss_and_lora_gradients(tiny_checkpoint, model_type, precision):
     torch_checkpoint = _loss_and_grads(model, True, batch)
     offloaded = _loss_and_grads(model, "unsloth", batch)
     assert isinstance(_layers(model)[0]._gradient_checkpointing_func, OffloadedCheckpoint)
-    _assert_same(plain, torch_checkpoint, CPU_RTOL, "True vs no checkpointing")
-    _assert_same(plain, offloaded, CPU_RTOL, "unsloth vs no checkpointing")
+    assert_same_loss_and_grads(plain, torch_checkpoint, CPU_RTOL, "True vs no checkpointing")
+    assert_same_loss_and_grads(plain, offloaded, CPU_RTOL, "unsloth vs no checkpointing")
     # Dropout is on: another seed gives other gradients, so the equality above needed the RNG restored.
     other_seed = _loss_and_grads(model, "unsloth", batch, seed=4)
     assert not torch.equal(other_seed[0], offloaded[0])
@@ -103,7 +92,7 @@ def test_layer_input_without_grad_still_trains_lora(tiny_checkpoint):
     assert len(first_layer_input_grad) >= 2 and not any(first_layer_input_grad)
     assert any(".layers.0." in n and "lora_A" in n for n in offloaded[1])
     rtol = CPU_RTOL if model.device.type == "cpu" else GPU_RTOL
-    _assert_same(plain, offloaded, rtol, "unsloth vs no checkpointing, frozen embeddings")
+    assert_same_loss_and_grads(plain, offloaded, rtol, "unsloth vs no checkpointing, frozen embeddings")
 
 
 def test_each_layer_recomputed_once(tiny_checkpoint):
@@ -192,8 +181,8 @@ def test_gpu_same_loss_and_lora_gradients(tiny_checkpoint, model_type):
     assert model.device.type == "cuda"
     batch = _batch(model.device)
     plain = _loss_and_grads(model, False, batch)
-    _assert_same(plain, _loss_and_grads(model, True, batch), GPU_RTOL, "True vs no checkpointing")
-    _assert_same(plain, _loss_and_grads(model, "unsloth", batch), GPU_RTOL, "unsloth vs no checkpointing")
+    assert_same_loss_and_grads(plain, _loss_and_grads(model, True, batch), GPU_RTOL, "True vs no checkpointing")
+    assert_same_loss_and_grads(plain, _loss_and_grads(model, "unsloth", batch), GPU_RTOL, "unsloth vs no checkpointing")
 
 
 LAYERS, HIDDEN, SEQ, BATCH = 8, 1024, 2048, 2
