@@ -223,6 +223,9 @@ def main():
                         help="fastlm.training.length_buckets.BUCKETS_PER_OCTAVE for this run (a sweep)")
     parser.add_argument("--prompt-fraction", type=float, default=0.0,
                         help="labels -100 on the first F of every row (chat data's masked prompts)")
+    parser.add_argument("--ce-rows", default="selected", choices=["selected", "sync", "all"],
+                        help="ablation (monkeypatch of this process): the fused loss keeps labelled rows only, counted "
+                             "ahead (selected, as shipped), counted at the loss (sync), or keeps every row (all)")
     parser.add_argument("--lengths", default=None,
                         help="LO-HI: each step's sequence length drawn from [LO, HI] (seeded), not --seq")
     parser.add_argument("--cprofile", action="store_true",
@@ -240,6 +243,13 @@ def main():
     if args.ce_chunk_mib is not None:
         from fastlm.kernels import cross_entropy
         cross_entropy.DEFAULT_CHUNK_BYTES = args.ce_chunk_mib * 2**20
+    if args.ce_rows != "selected":
+        from fastlm.kernels import cross_entropy
+        from fastlm.models import causal_lm
+        if args.ce_rows == "sync":
+            causal_lm.LabelledCount = lambda *args, **kwargs: None
+        else:
+            cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
     path = make_checkpoint(args.shape)
     rows = []
     for variant in args.variants.split(","):
@@ -251,6 +261,8 @@ def main():
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction))
+                if fast and args.ce_rows != "selected":
+                    rows[-1].update(ce_rows=args.ce_rows)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from fastlm.kernels.cross_entropy import fused_linear_cross_entropy
+from fastlm.kernels.cross_entropy import LabelledCount, fused_linear_cross_entropy
 from fastlm.training import length_buckets
 
 logger = logging.getLogger("fastlm")
@@ -98,6 +98,11 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
         return class_forward(self, *args, **kwargs)
 
     shift_labels = extra.get("shift_labels")
+    ignore_index = extra.get("ignore_index", -100)
+    loss_labels = labels if shift_labels is None else shift_labels
+    labelled_count = None  # started before the decoder, so that the loss reads it without a host sync
+    if torch.is_tensor(loss_labels) and not (loss_labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+        labelled_count = LabelledCount(loss_labels, ignore_index, shift_labels=shift_labels is None)
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
@@ -114,9 +119,9 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
         hidden = hidden.to(weight.dtype)
     softcap = getattr(self.config, final_softcap_key, None) if final_softcap_key else None
     loss = fused_linear_cross_entropy(
-        hidden.to(weight.device), weight, labels if shift_labels is None else shift_labels, bias,
-        ignore_index=extra.get("ignore_index", -100), softcap=softcap, shift_labels=shift_labels is None,
-        num_items_in_batch=extra.get("num_items_in_batch"))
+        hidden.to(weight.device), weight, loss_labels, bias, ignore_index=ignore_index, softcap=softcap,
+        shift_labels=shift_labels is None, num_items_in_batch=extra.get("num_items_in_batch"),
+        labelled_count=labelled_count)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
     cache_name = _cache_field(CausalLMOutputWithPast)

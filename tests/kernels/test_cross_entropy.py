@@ -175,12 +175,14 @@ def test_all_rows_ignored(device, reduction):
     assert not gh.any() and not gw.any()
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["count-read-at-loss", "LabelledCount"])
 @pytest.mark.parametrize("ignored", ["some", "none"])
-def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored):
+def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored, counted):
     """Only labelled rows reach the chunked lm_head (the loss and gradients of the other cases prove the result
-    unchanged); with every row labelled all of them do, and the result is the reference's. fp32 tolerance as
-    test_no_grad_and_non_contiguous_hidden: 64 ulps for the loss, the gradients likewise (one GEMM of K = vocab
-    per element, summed in another order than the reference's full-logits GEMM)."""
+    unchanged); with every row labelled all of them do, and the result is the reference's, whether the loss
+    counts the rows itself or is handed a LabelledCount. fp32 tolerance as test_no_grad_and_non_contiguous_hidden:
+    64 ulps for the loss, the gradients likewise (one GEMM of K = vocab per element, summed in another order than
+    the reference's full-logits GEMM)."""
     seen = []
     chunked = ce._chunked_loss_and_grads
     monkeypatch.setattr(ce, "_chunked_loss_and_grads", lambda h, *a: (seen.append(h.shape[0]), chunked(h, *a))[1])
@@ -188,7 +190,8 @@ def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored):
     if ignored == "none":
         labels[labels == -100] = 5
     h.requires_grad_(), w.requires_grad_()
-    loss = fused_linear_cross_entropy(h, w, labels, chunk_rows=4)
+    count = ce.LabelledCount(labels) if counted else None
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_rows=4, labelled_count=count)
     assert seen == [int((labels != -100).sum())] and (seen[0] < 21) == (ignored == "some")
     ref = reference(h, w, labels)
     torch.testing.assert_close(loss, ref, rtol=64 * ULP[torch.float32], atol=0)
@@ -197,6 +200,32 @@ def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     if ignored == "some":
         assert not torch.autograd.grad(fused_linear_cross_entropy(h, w, labels), h)[0][labels == -100].any()
+
+
+def test_labelled_count_with_shifted_labels(device):
+    """LabelledCount(shift_labels=True) counts what the shifted loss keeps: a row's first label is never a target."""
+    labels = torch.tensor([[-100, 3, -100, 4], [7, -100, 1, 2]], device=device)
+    assert ce.LabelledCount(labels, shift_labels=True).value() == 4
+    assert ce.LabelledCount(labels).value() == 5
+    assert ce.LabelledCount(labels, ignore_index=3).value() == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on a GPU only")
+def test_loss_with_a_labelled_count_never_syncs():
+    """With a LabelledCount made beforehand, the fused loss forward and backward launch without one host sync (torch
+    raises on any synchronizing op in sync-debug "error" mode), ignored rows and all; without it, the one sync of
+    reading the count is there."""
+    h, w, _, labels = _inputs((2, 300, 64), 5000, torch.bfloat16, "cuda")
+    h.requires_grad_(), w.requires_grad_()
+    count = ce.LabelledCount(labels, shift_labels=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_linear_cross_entropy(h, w, labels, shift_labels=True, labelled_count=count).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            fused_linear_cross_entropy(h, w, labels, shift_labels=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_no_grad_and_non_contiguous_hidden(device):
