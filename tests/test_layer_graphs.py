@@ -13,7 +13,7 @@ import torch
 
 from fastlm.training.checkpointing import set_gradient_checkpointing
 from fastlm.training.layer_graphs import (NotGraphable, LayerGraphs, _describe, dropout_reason, _layer_state,
-                                          _substitute, graphs_enabled)
+                                          _outputs_recorded, _substitute, graphs_enabled)
 from fastlm.training.offload import OffloadedCheckpoint
 from tests import test_offload_checkpointing as offload_tests
 from tests.test_offload_checkpointing import _batch, _layers
@@ -81,6 +81,21 @@ def test_dropout_refuses_the_layer(tiny_checkpoint):
     assert dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit"))[0]) is None
     reason = dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1))[0])
     assert reason is not None and "dropout p=0.1" in reason
+
+
+def test_recorded_outputs_are_seen(tiny_checkpoint):
+    """_outputs_recorded is true inside a forward asked for hidden states or attentions, false in a plain one (the
+    transformers API it reads must still exist: where it does not, any hook counts and this fails)."""
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    seen = []
+    _layers(model)[0].register_forward_pre_hook(lambda layer, args: seen.append(_outputs_recorded(layer)))
+    batch = _batch(model.device.type)
+    with torch.no_grad():
+        model(**batch)
+        model(**batch, output_hidden_states=True)
+        model(**batch, output_attentions=True)
+        model(**batch)
+    assert seen == [False, True, True, False]
 
 
 def test_switch(monkeypatch):
@@ -183,6 +198,81 @@ def test_gpu_graphs_follow_adapter_state_and_shapes(tiny_checkpoint, monkeypatch
         _assert_close(grads, eager_grads, what)
     # start / longer sequence / disabled each captured once per layer; enabling again reused the first graphs.
     assert graphs.captured() == 3 * len(_layers(model)), graphs.why_eager
+
+
+@pytest.mark.gpu
+def test_gpu_new_shape_is_captured_at_its_first_call(tiny_checkpoint, monkeypatch):
+    """Only a layer's first call runs eagerly (the warm-up); from then on a new shape is captured at its first call
+    and is exact there already."""
+    monkeypatch.setenv("FASTLM_LENGTH_BUCKETS", "0")  # the lengths must stay distinct shapes here
+    model = _lora_model(tiny_checkpoint("llama"), "4bit")
+    graphs = LayerGraphs()
+    counts = []
+    for seq in (21, 21, 37, 45, 37):
+        batch = _batch("cuda", seq=seq)
+        eager_loss, eager_grads = _loss_and_grads(model, batch, None)
+        loss, grads = _loss_and_grads(model, batch, graphs)
+        torch.testing.assert_close(loss, eager_loss, rtol=GPU_RTOL, atol=0, msg=f"seq {seq}")
+        _assert_close(grads, eager_grads, f"seq {seq}")
+        counts.append(graphs.captured() // len(_layers(model)))
+    assert counts == [0, 1, 2, 3, 3], graphs.why_eager
+
+
+@pytest.mark.gpu
+def test_gpu_shapes_share_casts_and_train_like_eager(tiny_checkpoint, monkeypatch):
+    """Two shapes in turn over AdamW steps: a layer's two graphs make their LoRA casts into one set of tensors (afresh
+    whenever either runs, so after every optimizer step), and training matches eager training."""
+    monkeypatch.setenv("FASTLM_LENGTH_BUCKETS", "0")  # the two lengths must stay two shapes here
+    runs = {}
+    for name in ("eager", "graphs"):
+        model = _lora_model(tiny_checkpoint("llama"), "4bit")
+        graphs = LayerGraphs() if name == "graphs" else None
+        _layers(model)[0]._gradient_checkpointing_func.graphs = graphs
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        losses = []
+        for step, seq in enumerate((21, 37, 21, 37, 37, 21, 21, 37)):
+            loss = model(**_batch("cuda", seq=seq, seed=step)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        runs[name] = torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}
+    assert graphs.captured() == 2 * len(_layers(model)), graphs.why_eager
+    for entry in graphs._layers.values():
+        made = [sorted(v[1].data_ptr() for k, v in graph.memo.items() if isinstance(k, tuple) and k[0] in "AB")
+                for graph in entry.graphs.values()]
+        assert len(made) == 2 and made[0] and made[0] == made[1]
+    torch.testing.assert_close(runs["graphs"][0], runs["eager"][0], rtol=GPU_RTOL, atol=0)
+    _assert_close(runs["graphs"][1], runs["eager"][1], "two shapes in turn")
+
+
+@pytest.mark.gpu
+def test_gpu_returned_hidden_states_with_graphs(tiny_checkpoint):
+    """Once the layers are graphed, a training forward asked for hidden states runs them eagerly (transformers
+    collects hidden states with hooks a replay would skip): one per layer + the embeddings, the eager values; the
+    next plain forward replays again."""
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    graphs = LayerGraphs()
+    batch = _batch("cuda")
+    _loss_and_grads(model, batch, graphs, calls=2)
+    assert graphs.captured() == len(_layers(model)), graphs.why_eager
+
+    def hidden_states(with_graphs):
+        _layers(model)[0]._gradient_checkpointing_func.graphs = graphs if with_graphs else None
+        out = model(**batch, output_hidden_states=True)
+        out.loss.backward()
+        return out.hidden_states
+
+    eager, graphed = hidden_states(False), hidden_states(True)
+    assert len(graphed) == len(eager) == len(_layers(model)) + 1
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want, rtol=GPU_RTOL, atol=0)
+    assert "records the layer's outputs" in graphs.why_eager
+    graphs.why_eager = None
+    _loss_and_grads(model, batch, graphs)
+    assert graphs.why_eager is None and graphs.captured() == len(_layers(model))  # replayed, no eager call
 
 
 @pytest.mark.gpu

@@ -166,17 +166,21 @@ _memo_stack = threading.local()
 
 
 @contextlib.contextmanager
-def reuse_casts(memo: dict, recomputing: bool = False):
+def reuse_casts(memo: dict, recomputing: bool = False, cast_storage: Optional[dict] = None):
     """Within this block, LoRA casts are looked up in / stored into `memo` (a dict owned by the caller).
 
     recomputing: the block re-runs a layer's forward only to rebuild its graph for backward (gradient
     checkpointing): the products x A^T the forward pass stored in the memo are taken again instead of recomputed,
-    and an MLP whose output feeds only the residual sum may skip computing it (see lora_mlp)."""
+    and an MLP whose output feeds only the residual sum may skip computing it (see lora_mlp).
+    cast_storage: a dict owned by the caller in which a cast made here is written into the tensor an earlier block
+    made for the same LoRA weights (told apart by their storage), instead of being kept as a new tensor. The CUDA
+    graphs of one layer's input shapes (fastlm/training/layer_graphs.py) share their casts this way: each graph
+    makes them afresh when it runs, into memory all of them read, so a new shape adds only its x A^T products."""
     stack = getattr(_memo_stack, "memos", None)
     if stack is None:
         stack = _memo_stack.memos = []
     memo[_OCCURRENCES] = {}  # each pass (forward, recomputation) counts its calls from zero
-    stack.append((memo, recomputing))
+    stack.append((memo, recomputing, cast_storage))
     try:
         yield
     finally:
@@ -184,9 +188,10 @@ def reuse_casts(memo: dict, recomputing: bool = False):
 
 
 def _active_memo():
-    """(memo, recomputing) of the innermost reuse_casts block on this thread, or (None, False) outside any."""
+    """(memo, recomputing, cast_storage) of the innermost reuse_casts block on this thread, or (None, False, None)
+    outside any."""
     stack = getattr(_memo_stack, "memos", None)
-    return stack[-1] if stack else (None, False)
+    return stack[-1] if stack else (None, False, None)
 
 
 def _recomputing() -> bool:
@@ -194,14 +199,22 @@ def _recomputing() -> bool:
 
 
 def _memoized(key, sources, make):
-    """make() or the memo's copy of it; `sources` (the tensors it derives from) are kept to pin their ids."""
-    memo = _active_memo()[0]
+    """make() or the memo's copy of it; `sources` (the tensors it derives from) are kept to pin their ids. key:
+    (kind, ids of the sources, anything else that determines the value)."""
+    memo, _, cast_storage = _active_memo()
     if memo is None:
         return make()
     hit = memo.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
         return hit[1]
     value = make()
+    if cast_storage is not None:
+        place = (key[0], tuple((s.data_ptr(), s.shape) for s in sources)) + key[2:]
+        stored = cast_storage.get(place)
+        if stored is None or stored.shape != value.shape or stored.device != value.device:
+            cast_storage[place] = value
+        elif stored.data_ptr() != value.data_ptr():  # (equal when the "cast" is the weight itself: same dtype)
+            value = stored.copy_(value)
     memo[key] = (sources, value)
     return value
 
@@ -223,7 +236,7 @@ def _lora_input_product(x_source, a_all, As, m: int, made=None):
             return made
         x = x_source() if callable(x_source) else x_source
         return x @ a_all.T
-    memo, recomputing = _active_memo()
+    memo, recomputing, _ = _active_memo()
     if memo is None:
         return make()
     group = tuple(id(a) for a in As)

@@ -14,7 +14,10 @@ autocast), the two computations offloaded checkpointing runs per layer:
                      torch.autograd.grad w.r.t. x (when x needs     trainable parameters' gradients into one
                      grad) and the layer's trainable parameters     flat buffer
 Both graphs of a layer share one `reuse_casts` memo, as the eager path does (LoRA casts and x A^T products made by
-the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly.
+the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly. The LoRA
+casts (stacked A, scaled block-diagonal B in the compute dtype) are the same for every signature: the forward graphs
+of all a layer's signatures make them into one set of tensors (reuse_casts' cast_storage), so a new signature adds
+only its own x A^T products to the pool.
 
 Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/sin, mask, position ids) and the
 flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
@@ -26,9 +29,13 @@ by all graphs, reused from graph to graph; it is reserved, not allocated, memory
 (bench/RESULTS.md reports both).
 
 When a layer is not graphed (it runs as before, eagerly):
-  - the first call with a signature (that call is the warm-up; the second one captures), or more than
+  - the layer's first call (the warm-up of what is made lazily, once: cuBLAS handles, Triton compilations, offload
+    buffers; from the second call on, a new signature is captured at its first call, after a warm-up of its own on
+    the capture stream: until bench/RESULTS.md run 43 each signature ran eagerly once first), or more than
     MAX_SIGNATURES_PER_LAYER signatures seen for the layer (fastlm's causal-LM forward rounds training batches up
     to a few lengths, fastlm/training/length_buckets.py, to keep them few);
+  - a forward that returns hidden states or attentions (output_hidden_states / output_attentions: transformers
+    collects them with hooks the graphs would not run);
   - dropout with p > 0 anywhere in the layer (random numbers would be frozen into the graph), a layer whose output
     is not one tensor shaped like its input, an argument of a type this module does not know, extra positional
     arguments; each logged once;
@@ -58,10 +65,10 @@ logger = logging.getLogger("fastlm")
 SWITCH = "FASTLM_CUDA_GRAPHS"
 # Signatures (mostly batch shapes) captured per layer before new ones run eagerly: the 16 length buckets from 64 to
 # 2048 tokens (fastlm/training/length_buckets.py) and a smaller last batch for some of them. Each costs one capture
-# per layer and per layer its memo, kept in the graphs' pool (LoRA casts + x A^T products: ~2.5 MB per layer at
-# Llama-3.2-1B batch 4 x 2048, ~3.5 MB at Llama-3.1-8B batch 2 x 2048, so ~0.04-0.1 GiB per signature for the
-# model); x and dy are shared by all signatures (_static_pair) and the rest of the pool is the largest signature's
-# working set. bench/RESULTS.md run 37: 12 lengths at 1B QLoRA, pool 0.94 GiB against 0.46 GiB for one.
+# per layer and per layer its x A^T products, kept in the graphs' pool (M x ranks: ~0.6 MB per layer at Llama-3.2-1B
+# batch 4 x 2048); the LoRA casts (~2 MB per layer at 1B, ~4 MB at 8B), x and dy are shared by all signatures
+# (reuse_casts' cast_storage, _static_pair) and the rest of the pool is the largest signature's working set.
+# bench/RESULTS.md run 37, before the casts were shared: 12 lengths at 1B QLoRA, pool 0.94 GiB against 0.46 for one.
 MAX_SIGNATURES_PER_LAYER = 24
 
 
@@ -193,7 +200,8 @@ class LayerGraph:
 class _LayerEntry:
     def __init__(self):
         self.graphs = {}     # signature -> LayerGraph
-        self.seen = set()    # signatures called once (eagerly)
+        self.warmed = False  # the layer ran once eagerly
+        self.casts = {}      # the LoRA casts all its graphs write and read (reuse_casts' cast_storage)
         self.refused = None  # why this layer is never graphed, once known
 
 
@@ -232,6 +240,8 @@ class LayerGraphs:
             entry = self._layers[layer] = _LayerEntry()
         if entry.refused is not None:
             return self._eager(entry.refused)
+        if _outputs_recorded(layer):
+            return self._eager("transformers records the layer's outputs (output_hidden_states / output_attentions)")
         bound = []
         try:
             arguments = _describe((function.args, function.keywords), bound)
@@ -243,9 +253,9 @@ class LayerGraphs:
         graph = entry.graphs.get(key)
         if graph is not None:
             return graph, bound
-        if key not in entry.seen:
-            entry.seen.add(key)  # this call runs eagerly and warms up every kernel the capture will record
-            return self._eager("first call with this signature")
+        if not entry.warmed:
+            entry.warmed = True  # the layer's first call runs eagerly: what is made lazily, once, is made outside
+            return self._eager("the layer's first call")
         if len(entry.graphs) >= MAX_SIGNATURES_PER_LAYER:
             self._log_once(f"a decoder layer was called with more than {MAX_SIGNATURES_PER_LAYER} input shapes; "
                            "new shapes run without CUDA graphs (fewer distinct batch shapes, e.g. packing to a "
@@ -256,7 +266,7 @@ class LayerGraphs:
             return self._refuse(entry, layer, reason)
         try:
             with _fresh_leaves(layer, params) as leaves, _autocast_cache_off():
-                graph = self._capture(function, x, bound, leaves, signature)
+                graph = self._capture(function, x, bound, leaves, signature, entry.casts)
         except NotGraphable as why:
             return self._refuse(entry, layer, str(why))
         except RuntimeError as error:
@@ -264,7 +274,6 @@ class LayerGraphs:
             self._log_once(f"capturing a decoder layer in a CUDA graph failed ({error}); this model's layers run "
                            f"without CUDA graphs from now on (set {SWITCH}=0 to skip the attempt)", warning=True)
             return self._eager(self.broken)
-        entry.seen.discard(key)
         entry.graphs[key] = graph
         return graph, bound
 
@@ -294,7 +303,7 @@ class LayerGraphs:
         n = x.numel()
         return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
 
-    def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature) -> LayerGraph:
+    def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature, casts: dict) -> LayerGraph:
         statics = self._statics.get(signature)
         if statics is None:
             statics = self._statics[signature] = _Statics(*self._static_pair(x), bound)
@@ -345,7 +354,7 @@ class LayerGraphs:
         # families succeeded under "global" (bench/RESULTS.md run 22), so no other thread calls CUDA unsafely in
         # them and the graphs are the same.
         with torch.cuda.graph(graph.forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            with torch.no_grad(), reuse_casts(graph.memo):
+            with torch.no_grad(), reuse_casts(graph.memo, cast_storage=casts):
                 y = run(statics.x)
                 statics.x.copy_(y)
             del y
@@ -361,6 +370,19 @@ class LayerGraphs:
         # fused LoRA allocate a new one; this reference keeps the captured address valid.
         graph.workspaces = live_workspaces()
         return graph
+
+
+def _outputs_recorded(layer: nn.Module) -> bool:
+    """Whether transformers records layer outputs in this forward (output_hidden_states / output_attentions): its
+    forward hooks on the layer and its modules append to the output lists at every call, which a replay would skip
+    and a capture (which runs the layer four times) would repeat. Transformers keeps the lists in a context variable,
+    set for the model's forward (`transformers.utils.output_capturing`, 5.17 to 5.24); where that is not found, any
+    forward hook in the layer counts as recording."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return any(module._forward_hooks or module._forward_pre_hooks for module in layer.modules())
+    return bool(_active_collector.get())
 
 
 @contextlib.contextmanager

@@ -292,6 +292,32 @@ def test_reuse_casts_shares_one_copy_per_memo(device):
     assert op._memoized(("A", 0), (), lambda: "made") == "made"      # no memo active: computed every time
 
 
+def test_cast_storage_shares_casts_between_memos(device):
+    """Two memos (two inputs' shapes) with one cast_storage: the second memo's casts are the first's tensors, written
+    again with the current weights (after an update they hold the new casts); the x A^T products stay per memo.
+    Results equal the plain computation's exactly (the same ops, only the memory differs)."""
+    gen = torch.Generator().manual_seed(6)
+    bases = [_dense(24, 32, torch.bfloat16, device, gen=gen) for _ in range(3)]
+    loras = [_lora(24, 32, r, device, gen, scale=s) for r, s in ((4, 2.0), (2, 1.0), (4, 0.5))]
+    storage, memos = {}, [{}, {}]
+    x_short, x_long = (torch.randn(2, n, 32, generator=gen).to(device, torch.bfloat16) for n in (5, 9))
+    for memo, x in zip(memos, (x_short, x_long)):
+        with op.reuse_casts(memo, cast_storage=storage):
+            got = op.lora_projections(x, bases, loras)
+        assert all(torch.equal(a, b) for a, b in zip(got, op.lora_projections(x, bases, loras)))
+    casts = [{k[0]: v[1] for k, v in memo.items() if isinstance(k, tuple) and k[0] in ("A", "B")} for memo in memos]
+    assert casts[0].keys() == {"A", "B"} and all(casts[0][k] is casts[1][k] for k in "AB")
+    products = [v[1] for memo in memos for k, v in memo.items() if isinstance(k, tuple) and k[0] == "xa"]
+    assert [p.shape[0] for p in products] == [10, 18]
+    with torch.no_grad():
+        loras[1].B.mul_(3.0)  # an optimizer step: the next pass writes the new casts into the same tensors
+    memo = {}
+    with op.reuse_casts(memo, cast_storage=storage):
+        got = op.lora_projections(x_short, bases, loras)
+    assert all(torch.equal(a, b) for a, b in zip(got, op.lora_projections(x_short, bases, loras)))
+    assert next(v[1] for k, v in memo.items() if isinstance(k, tuple) and k[0] == "B") is casts[0]["B"]
+
+
 def test_recomputation_pairs_repeated_calls_with_their_own_products(device):
     """A group called twice in one pass (other inputs) gets each call's own x A^T back in the recomputation (fp32:
     the fused sums differ from the plain formula by reordering only, far below 1e-5)."""
