@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from fastlm.training.checkpointing import set_gradient_checkpointing
-from fastlm.training.layer_graphs import (NotGraphable, LayerGraphs, _describe, dropout_reason, _layer_state,
-                                          _outputs_recorded, _substitute, graphs_enabled)
+from fastlm.training.layer_graphs import (SEEN_SIGNATURES_KEPT, NotGraphable, LayerGraphs, _describe, _LayerEntry,
+                                          dropout_reason, _layer_state, _outputs_recorded, _substitute,
+                                          graphs_enabled)
 from fastlm.training.offload import OffloadedCheckpoint
 from tests import test_offload_checkpointing as offload_tests
 from tests.test_offload_checkpointing import _batch, _layers
@@ -200,22 +201,34 @@ def test_gpu_graphs_follow_adapter_state_and_shapes(tiny_checkpoint, monkeypatch
     assert graphs.captured() == 3 * len(_layers(model)), graphs.why_eager
 
 
+def test_which_first_calls_run_eagerly():
+    """The layer's first call warms up; after it a length bucket is captured at its first call, any other length at
+    its second; the set of lengths seen once stays bounded."""
+    entry = _LayerEntry()
+    calls = [("a", 64), ("a", 64), ("b", 128), ("c", 37), ("c", 37), ("d", 2048), ("e", None), ("e", None)]
+    assert [entry.eager_first(key, length) is None for key, length in calls] == [
+        False, True, True, False, True, True, False, True]
+    for i in range(3 * SEEN_SIGNATURES_KEPT):
+        entry.eager_first(("unique", i), 37)
+    assert len(entry.seen) <= SEEN_SIGNATURES_KEPT
+
+
 @pytest.mark.gpu
 def test_gpu_new_shape_is_captured_at_its_first_call(tiny_checkpoint, monkeypatch):
-    """Only a layer's first call runs eagerly (the warm-up); from then on a new shape is captured at its first call
-    and is exact there already."""
-    monkeypatch.setenv("FASTLM_LENGTH_BUCKETS", "0")  # the lengths must stay distinct shapes here
+    """Only a layer's first call runs eagerly (the warm-up); from then on a length bucket is captured at its first
+    call and is exact there already; a length outside the buckets runs eagerly once first."""
+    monkeypatch.setenv("FASTLM_LENGTH_BUCKETS", "0")  # the lengths must stay as given here
     model = _lora_model(tiny_checkpoint("llama"), "4bit")
     graphs = LayerGraphs()
     counts = []
-    for seq in (21, 21, 37, 45, 37):
+    for seq in (64, 64, 128, 192, 128, 37, 37):
         batch = _batch("cuda", seq=seq)
         eager_loss, eager_grads = _loss_and_grads(model, batch, None)
         loss, grads = _loss_and_grads(model, batch, graphs)
         torch.testing.assert_close(loss, eager_loss, rtol=GPU_RTOL, atol=0, msg=f"seq {seq}")
         _assert_close(grads, eager_grads, f"seq {seq}")
         counts.append(graphs.captured() // len(_layers(model)))
-    assert counts == [0, 1, 2, 3, 3], graphs.why_eager
+    assert counts == [0, 1, 2, 3, 3, 3, 4], graphs.why_eager
 
 
 @pytest.mark.gpu

@@ -29,9 +29,9 @@ by all graphs, reused from graph to graph; it is reserved, not allocated, memory
 (bench/RESULTS.md reports both).
 
 When a layer is not graphed (it runs as before, eagerly):
-  - the layer's first call (the warm-up of what is made lazily, once: cuBLAS handles, Triton compilations, offload
-    buffers; from the second call on, a new signature is captured at its first call, after a warm-up of its own on
-    the capture stream: until bench/RESULTS.md run 43 each signature ran eagerly once first), or more than
+  - the layer's first call (the warm-up of what is made lazily, once), and the first call of a signature whose
+    sequence length is not a length bucket (it may never come again); a length bucket is captured at its first
+    call, after a warm-up of its own on the capture stream (_LayerEntry.eager_first); or more than
     MAX_SIGNATURES_PER_LAYER signatures seen for the layer (fastlm's causal-LM forward rounds training batches up
     to a few lengths, fastlm/training/length_buckets.py, to keep them few);
   - a forward that returns hidden states or attentions (output_hidden_states / output_attentions: transformers
@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from fastlm.kernels.lora import live_workspaces, reuse_casts
+from fastlm.training import length_buckets
 from fastlm.training.fused_lora import projection_state
 
 logger = logging.getLogger("fastlm")
@@ -70,6 +71,9 @@ SWITCH = "FASTLM_CUDA_GRAPHS"
 # (reuse_casts' cast_storage, _static_pair) and the rest of the pool is the largest signature's working set.
 # bench/RESULTS.md run 37, before the casts were shared: 12 lengths at 1B QLoRA, pool 0.94 GiB against 0.46 for one.
 MAX_SIGNATURES_PER_LAYER = 24
+# Signatures remembered per layer as run once, waiting for a second call to be captured; the set is emptied when it
+# reaches this size (a length that does come back then runs eagerly once more). A rule: 4x the signatures kept.
+SEEN_SIGNATURES_KEPT = 4 * MAX_SIGNATURES_PER_LAYER
 
 
 def graphs_enabled() -> bool:
@@ -201,8 +205,28 @@ class _LayerEntry:
     def __init__(self):
         self.graphs = {}     # signature -> LayerGraph
         self.warmed = False  # the layer ran once eagerly
+        self.seen = set()    # signatures run eagerly once, not captured yet
         self.casts = {}      # the LoRA casts all its graphs write and read (reuse_casts' cast_storage)
         self.refused = None  # why this layer is never graphed, once known
+
+    def eager_first(self, key, length: Optional[int]) -> Optional[str]:
+        """Why this call, of a signature not captured yet, runs eagerly; None: capture it now.
+
+        The layer's first call is the warm-up of what is made once (cuBLAS handles, Triton compilations, offload
+        buffers). After it, a signature whose sequence length is a length bucket is captured at its first call:
+        buckets come back (fastlm/training/length_buckets.py). Any other length (a left-padded batch, buckets off)
+        may never come again, so it is captured at its second call only, as every signature was until
+        bench/RESULTS.md run 43. length: the layer input's sequence length (None if it has no such dimension)."""
+        if not self.warmed:
+            self.warmed = True
+            self.seen.add(key)
+            return "the layer's first call"
+        if key in self.seen or (length is not None and length_buckets.bucket_length(length) == length):
+            return None
+        if len(self.seen) >= SEEN_SIGNATURES_KEPT:  # a stream of new lengths must not grow this without bound
+            self.seen.clear()
+        self.seen.add(key)
+        return "first call with a length outside the length buckets"
 
 
 class LayerGraphs:
@@ -253,9 +277,9 @@ class LayerGraphs:
         graph = entry.graphs.get(key)
         if graph is not None:
             return graph, bound
-        if not entry.warmed:
-            entry.warmed = True  # the layer's first call runs eagerly: what is made lazily, once, is made outside
-            return self._eager("the layer's first call")
+        why = entry.eager_first(key, x.shape[1] if x.dim() == 3 and x.shape[1] > 0 else None)
+        if why is not None:
+            return self._eager(why)
         if len(entry.graphs) >= MAX_SIGNATURES_PER_LAYER:
             self._log_once(f"a decoder layer was called with more than {MAX_SIGNATURES_PER_LAYER} input shapes; "
                            "new shapes run without CUDA graphs (fewer distinct batch shapes, e.g. packing to a "
@@ -274,6 +298,7 @@ class LayerGraphs:
             self._log_once(f"capturing a decoder layer in a CUDA graph failed ({error}); this model's layers run "
                            f"without CUDA graphs from now on (set {SWITCH}=0 to skip the attempt)", warning=True)
             return self._eager(self.broken)
+        entry.seen.discard(key)
         entry.graphs[key] = graph
         return graph, bound
 
