@@ -250,6 +250,7 @@ def main():
             causal_lm.LabelledCount = lambda *args, **kwargs: None
         else:
             cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
+    lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
     path = make_checkpoint(args.shape)
     rows = []
     for variant in args.variants.split(","):
@@ -257,7 +258,6 @@ def main():
             try:
                 impl = "fastlm" if fast else "hf"
                 cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
-                lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction))

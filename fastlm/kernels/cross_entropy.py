@@ -258,13 +258,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     if labels.numel() != hidden.numel() // hidden.shape[-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     labels = labels.contiguous()
+    labelled = labels != ignore_index  # (N,) bool
     if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
     elif reduction == "mean":
-        denom = (labels != ignore_index).sum().to(torch.float32)
+        denom = labelled.sum().to(torch.float32)
     else:
         denom = torch.ones((), device=hidden.device, dtype=torch.float32)
-    hidden, labels = _labelled_rows(hidden.reshape(-1, hidden.shape[-1]), labels, ignore_index, labelled_count)
+    hidden, labels = _labelled_rows(hidden.reshape(-1, hidden.shape[-1]), labels, labelled, labelled_count)
     rows = max(1, chunk_rows or _rows_per_chunk(labels.numel(), weight.shape[0], weight.element_size(),
                                                  chunk_bytes or DEFAULT_CHUNK_BYTES))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
@@ -275,8 +276,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
                                                  logit_scale, rows)
 
 
-def _labelled_rows(hidden, labels, ignore_index, labelled_count=None):
-    """(hidden (n, H), labels (n,)): the rows of hidden (N, H) and labels (N,) whose label is not ignore_index.
+def _labelled_rows(hidden, labels, labelled, labelled_count=None):
+    """(hidden (n, H), labels (n,)): the rows of hidden (N, H) and labels (N,) whose label is not ignore_index
+    (labelled: (N,) bool, labels != ignore_index).
 
     Ignored rows (prompt tokens of chat data, padding, the last position of each row once labels are shifted) add
     nothing to the loss or to any gradient, so their logits are never computed: with half the labels ignored the
@@ -286,7 +288,6 @@ def _labelled_rows(hidden, labels, ignore_index, labelled_count=None):
     """
     if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
         return hidden, labels
-    labelled = labels != ignore_index
     n = labelled_count.value() if labelled_count is not None else int(labelled.sum())
     if n == labels.numel():
         return hidden, labels

@@ -100,8 +100,8 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     shift_labels = extra.get("shift_labels")
     ignore_index = extra.get("ignore_index", -100)
     loss_labels = labels if shift_labels is None else shift_labels
-    labelled_count = None  # started before the decoder, so that the loss reads it without a host sync
-    if torch.is_tensor(loss_labels) and not (loss_labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+    labelled_count = None  # started before the decoder, so that the loss reads it without a host sync (CUDA only)
+    if torch.is_tensor(loss_labels) and loss_labels.is_cuda and not torch.cuda.is_current_stream_capturing():
         labelled_count = LabelledCount(loss_labels, ignore_index, shift_labels=shift_labels is None)
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:

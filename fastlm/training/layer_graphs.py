@@ -61,6 +61,11 @@ from fastlm.kernels.lora import live_workspaces, reuse_casts
 from fastlm.training import length_buckets
 from fastlm.training.fused_lora import projection_state
 
+try:  # the outputs transformers records in the running forward (see _outputs_recorded)
+    from transformers.utils.output_capturing import _active_collector as _transformers_collector
+except ImportError:
+    _transformers_collector = None
+
 logger = logging.getLogger("fastlm")
 
 SWITCH = "FASTLM_CUDA_GRAPHS"
@@ -204,8 +209,7 @@ class LayerGraph:
 class _LayerEntry:
     def __init__(self):
         self.graphs = {}     # signature -> LayerGraph
-        self.warmed = False  # the layer ran once eagerly
-        self.seen = set()    # signatures run eagerly once, not captured yet
+        self.seen = set()    # signatures run eagerly once, not captured yet (empty with no graph: never called)
         self.casts = {}      # the LoRA casts all its graphs write and read (reuse_casts' cast_storage)
         self.refused = None  # why this layer is never graphed, once known
 
@@ -217,8 +221,7 @@ class _LayerEntry:
         buckets come back (fastlm/training/length_buckets.py). Any other length (a left-padded batch, buckets off)
         may never come again, so it is captured at its second call only, as every signature was until
         bench/RESULTS.md run 43. length: the layer input's sequence length (None if it has no such dimension)."""
-        if not self.warmed:
-            self.warmed = True
+        if not (self.graphs or self.seen):
             self.seen.add(key)
             return "the layer's first call"
         if key in self.seen or (length is not None and length_buckets.bucket_length(length) == length):
@@ -403,11 +406,9 @@ def _outputs_recorded(layer: nn.Module) -> bool:
     and a capture (which runs the layer four times) would repeat. Transformers keeps the lists in a context variable,
     set for the model's forward (`transformers.utils.output_capturing`, 5.17 to 5.24); where that is not found, any
     forward hook in the layer counts as recording."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    if _transformers_collector is None:
         return any(module._forward_hooks or module._forward_pre_hooks for module in layer.modules())
-    return bool(_active_collector.get())
+    return bool(_transformers_collector.get())
 
 
 @contextlib.contextmanager
