@@ -172,7 +172,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     if lengths is None:
         tokens_per_s = batch * seq / (ms / 1000)
         mfu = tokens_per_s * flops_per_token(model.config, seq) / (PEAK_BF16_TFLOPS * 1e12)
-    else:  # every timed step's tokens over their whole time (steps that capture graphs included); MFU at the mean length
+    else:  # every timed step's tokens over their whole time (capture steps included); MFU at the mean length
         tokens_per_s = batch * sum(per_step[3:]) / sum(times[3:])
         mean = sum(per_step[3:]) / len(per_step[3:])
         mfu = tokens_per_s * flops_per_token(model.config, round(mean)) / (PEAK_BF16_TFLOPS * 1e12)
@@ -184,6 +184,10 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                timed_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                timed_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), alloc_conf=allocator_settings())
+    host_stats = torch.cuda.host_memory_stats()  # the pinned host memory cache (offloaded checkpointing's buffers)
+    row.update(pinned_allocs=host_stats.get("num_host_alloc"), pinned_frees=host_stats.get("num_host_free"),
+               pinned_alloc_ms=round(host_stats.get("host_alloc_time.total", 0) / 1000, 1),
+               device_frees=torch.cuda.memory_stats().get("num_device_free"))
     if prompt_fraction:
         row.update(prompt_fraction=prompt_fraction)
     if lengths is not None:  # the lengths, and the time of the last half of the steps (most shapes seen by then)
@@ -228,6 +232,10 @@ def main():
                              "ahead (selected, as shipped), counted at the loss (sync), or keeps every row (all)")
     parser.add_argument("--lengths", default=None,
                         help="LO-HI: each step's sequence length drawn from [LO, HI] (seeded), not --seq")
+    parser.add_argument("--graph-capture", default="direct", choices=["direct", "torch"],
+                        help="ablation (monkeypatch of this process): layer graphs captured as shipped (direct), or "
+                             "through torch.cuda.graph, which synchronizes and empties the device and pinned host "
+                             "caches before each capture (torch, as before run 47)")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
@@ -250,6 +258,10 @@ def main():
             causal_lm.LabelledCount = lambda *args, **kwargs: None
         else:
             cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
+    if args.graph_capture == "torch":
+        from fastlm.training import layer_graphs
+        layer_graphs._capturing = lambda cuda_graph, pool, stream: torch.cuda.graph(
+            cuda_graph, pool=pool, stream=stream, capture_error_mode="thread_local")
     lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
     path = make_checkpoint(args.shape)
     rows = []
@@ -263,6 +275,8 @@ def main():
                                         prompt_fraction=args.prompt_fraction))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
+                if fast:
+                    rows[-1].update(graph_capture=args.graph_capture)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

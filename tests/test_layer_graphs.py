@@ -232,6 +232,25 @@ def test_gpu_new_shape_is_captured_at_its_first_call(tiny_checkpoint, monkeypatc
 
 
 @pytest.mark.gpu
+def test_gpu_capture_keeps_cached_memory(tiny_checkpoint, monkeypatch):
+    """Capturing a new shape returns no cached memory to the driver, device or pinned host (torch.cuda.graph's own
+    entry empties both caches before each capture; the steps after it then allocate everything again). Only the
+    model's first capture empties the device cache, once (the eager warm-up's working set)."""
+    monkeypatch.setenv("FASTLM_LENGTH_BUCKETS", "0")
+    model = _lora_model(tiny_checkpoint("llama"), "4bit")
+    graphs = LayerGraphs()
+    _loss_and_grads(model, _batch("cuda", seq=64), graphs)   # the layers' first calls: eager, the offload pins
+    _loss_and_grads(model, _batch("cuda", seq=128), graphs)  # the first captures
+    torch.empty(2**26, dtype=torch.uint8, device="cuda")  # freed at once: a 64 MiB block the device cache keeps
+    device_freed = torch.cuda.memory_stats()["reserved_bytes.all.freed"]
+    host_freed = torch.cuda.host_memory_stats().get("num_host_free")  # None where torch does not count it
+    _loss_and_grads(model, _batch("cuda", seq=192), graphs)  # a new length: every layer captured again
+    assert graphs.captured() == 2 * len(_layers(model)), graphs.why_eager
+    assert torch.cuda.memory_stats()["reserved_bytes.all.freed"] == device_freed
+    assert torch.cuda.host_memory_stats().get("num_host_free") == host_freed
+
+
+@pytest.mark.gpu
 def test_gpu_shapes_share_casts_and_train_like_eager(tiny_checkpoint, monkeypatch):
     """Two shapes in turn over AdamW steps: a layer's two graphs make their LoRA casts into one set of tensors (afresh
     whenever either runs, so after every optimizer step), and training matches eager training."""

@@ -339,24 +339,28 @@ class LayerGraphs:
         static_args = _substitute(function.args, replacements)
         run = functools.partial(function.func, *static_args, **_substitute(function.keywords, replacements))
         device = x.device
-        if device not in self._pools:
+        first = device not in self._pools
+        if first:
             self._pools[device] = torch.cuda.graph_pool_handle()
             self._streams[device] = torch.cuda.Stream(device=device)
-        stream = self._streams[device]
+        stream, current = self._streams[device], torch.cuda.current_stream(device)
         statics.load(x, bound)
         need_x = x.requires_grad
 
-        # Warm-up on the capture stream: checks what the layer returns and which gradients exist, and lets every
-        # lazy initialisation (cuBLAS workspace for this stream, Triton's compilation) happen outside the capture.
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        # Warm-up: checks what the layer returns and which gradients exist, and lets every lazy initialisation
+        # (Triton's compilation for this shape; cuBLAS's workspace for the capture stream) happen outside the
+        # capture. The device's first warm-up runs on the capture stream (cuBLAS's workspace is per stream), later
+        # ones on the current stream: blocks freed on the capture stream stay cached for that stream alone, where
+        # the training step's own allocations on the current stream reuse these (bench/RESULTS.md runs 49-50).
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream if first else current):
             memo = {}
             with torch.no_grad(), reuse_casts(memo):
                 y = run(statics.x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
                 raise NotGraphable("its output is not one tensor shaped like its input")
             grads = _differentiate(run, statics, params, need_x, memo)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        current.wait_stream(stream)
         param_grads = grads[1:] if need_x else grads
         present = [g for g in param_grads if g is not None]
         if len({g.dtype for g in present}) > 1:
@@ -373,20 +377,20 @@ class LayerGraphs:
                 flat = self._flats[flat_key] = torch.empty(offset, dtype=present[0].dtype, device=device)
         graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None)
         del y, grads, param_grads, present, memo
+        if first:
+            # Once, before the first capture: the device cache holds the eager warm-up step's working set and the
+            # first warm-up's blocks (on the capture stream), which the graphs' pool takes over from now on (kept,
+            # they added 0.4 GiB to the reserved peak at Llama-3.2-1B QLoRA batch 4, bench/RESULTS.md runs 47-48).
+            # Later captures keep the caches (see _capturing).
+            torch.cuda.empty_cache()
 
         pool = self._pools[device]
-        # "thread_local": only this thread's CUDA calls are checked during the capture. Under the default "global"
-        # mode a call from any other thread, e.g. a DataLoader pin-memory thread allocating pinned memory for the
-        # next batch (num_workers > 0), breaks the capture and fails in that thread, which then raises on the next
-        # batch (PyTorch documents thread_local for this; pytorch/pytorch#174724). Every capture of the supported
-        # families succeeded under "global" (bench/RESULTS.md run 22), so no other thread calls CUDA unsafely in
-        # them and the graphs are the same.
-        with torch.cuda.graph(graph.forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        with _capturing(graph.forward_graph, pool, stream):
             with torch.no_grad(), reuse_casts(graph.memo, cast_storage=casts):
                 y = run(statics.x)
                 statics.x.copy_(y)
             del y
-        with torch.cuda.graph(graph.backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        with _capturing(graph.backward_graph, pool, stream):
             grads = _differentiate(run, statics, params, need_x, graph.memo)
             if graph.has_dx:
                 statics.grad.copy_(grads[0])
@@ -398,6 +402,31 @@ class LayerGraphs:
         # fused LoRA allocate a new one; this reference keeps the captured address valid.
         graph.workspaces = live_workspaces()
         return graph
+
+
+@contextlib.contextmanager
+def _capturing(cuda_graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream):
+    """Capture the work queued inside the block on `stream` into `cuda_graph`, its memory from `pool`.
+
+    What torch.cuda.graph does, without what its __enter__ adds before each capture: a device synchronize, an
+    empty_cache of the caching allocator and of the pinned host memory cache. Those return every cached block to
+    the driver 2 x (layers) times per new shape, and the steps after a capture then allocate them again: offloaded
+    checkpointing's pinned host buffers (one per layer, ~0.5 GiB at Llama-3.2-1B batch 4 x 2048) and the step's
+    device memory. bench/RESULTS.md run 48: 1.4x the tokens/s over 60 steps of lengths 256-2048 at Llama-3.2-1B
+    and Llama-3.1-8B QLoRA (pinned allocations 347 -> 51 at 1B); the same once every bucket is captured.
+
+    "thread_local": only this thread's CUDA calls are checked during the capture. Under the default "global" mode a
+    call from any other thread, e.g. a DataLoader pin-memory thread allocating pinned memory for the next batch
+    (num_workers > 0), breaks the capture and fails in that thread, which then raises on the next batch (PyTorch
+    documents thread_local for this; pytorch/pytorch#174724). Every capture of the supported families succeeded
+    under "global" (bench/RESULTS.md run 22), so no other thread calls CUDA unsafely in them and the graphs are the
+    same."""
+    with torch.cuda.stream(stream):
+        cuda_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            cuda_graph.capture_end()
 
 
 def _outputs_recorded(layer: nn.Module) -> bool:
