@@ -351,7 +351,8 @@ class LayerGraphs:
         # (Triton's compilation for this shape; cuBLAS's workspace for the capture stream) happen outside the
         # capture. The device's first warm-up runs on the capture stream (cuBLAS's workspace is per stream), later
         # ones on the current stream: blocks freed on the capture stream stay cached for that stream alone, where
-        # the training step's own allocations on the current stream reuse these (bench/RESULTS.md runs 49-50).
+        # the training step's own allocations on the current stream reuse these (bench/RESULTS.md runs 49-50). Its
+        # autograd graph is freed before the capture (del below; _fresh_leaves says why that matters).
         stream.wait_stream(current)
         with torch.cuda.stream(stream if first else current):
             memo = {}
@@ -461,8 +462,9 @@ def _fresh_leaves(layer: nn.Module, params: list):
     Why: the autograd engine syncs a gradient with the stream its leaf's AccumulateGrad node was created on. The
     real parameters' nodes were made on the default stream by the eager warm-up step, and stay alive while any
     earlier graph does (a training loop holding the last step's loss): syncing the capture stream with the
-    default stream invalidates the capture. Fresh leaves get their nodes on the capture stream; sharing the
-    storage, the graphs read the parameters the optimizer updates."""
+    default stream invalidates the capture. Fresh leaves get their nodes on the capture stream: the warm-up's
+    nodes for them (made on whichever stream it runs) go with its autograd graph, freed before the capture starts
+    (a leaf holds its node weakly). Sharing the storage, the graphs read the parameters the optimizer updates."""
     wanted = {id(p): i for i, p in enumerate(params)}
     fresh = [None] * len(params)
     swapped = []
