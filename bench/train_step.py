@@ -235,7 +235,7 @@ def main():
     parser.add_argument("--graph-capture", default="direct", choices=["direct", "torch"],
                         help="ablation (monkeypatch of this process): layer graphs captured as shipped (direct), or "
                              "through torch.cuda.graph, which synchronizes and empties the device and pinned host "
-                             "caches before each capture (torch, as before run 47)")
+                             "caches before each capture (torch, as up to run 47)")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
