@@ -31,7 +31,7 @@ by all graphs, reused from graph to graph; it is reserved, not allocated, memory
 When a layer is not graphed (it runs as before, eagerly):
   - the layer's first call (the warm-up of what is made lazily, once), and the first call of a signature whose
     sequence length is not a length bucket (it may never come again); a length bucket is captured at its first
-    call, after a warm-up of its own on the capture stream (_LayerEntry.eager_first); or more than
+    call, after a warm-up of its own (_LayerEntry.eager_first, LayerGraphs._capture); or more than
     MAX_SIGNATURES_PER_LAYER signatures seen for the layer (fastlm's causal-LM forward rounds training batches up
     to a few lengths, fastlm/training/length_buckets.py, to keep them few);
   - a forward that returns hidden states or attentions (output_hidden_states / output_attentions: transformers
