@@ -70,13 +70,14 @@ def flops_per_token(config, seq: int) -> float:
     return 6 * decoder_params + 4 * h * config.vocab_size + 4 * layers * 2 * seq * h
 
 
-def load(variant: str, path: str, fast: bool):
+def load(variant: str, path: str, fast: bool, offload_embedding: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if fast:
         from fastlm import FastLanguageModel
         model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=4096, dtype=torch.bfloat16,
                                                      load_in_4bit=variant == "qlora",
-                                                     load_in_16bit=variant != "qlora")
+                                                     load_in_16bit=variant != "qlora",
+                                                     offload_embedding=offload_embedding)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth")
     import peft
@@ -126,12 +127,12 @@ def step_lengths(steps: int, seq: int, lengths) -> list:
 
 
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0):
+                prompt_fraction=0.0, offload_embedding=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
     torch.manual_seed(seed)
-    model = load(variant, path, fast)
+    model = load(variant, path, fast, offload_embedding=offload_embedding)
     model.train()
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # the training peak is measured apart from loading's
@@ -236,6 +237,8 @@ def main():
                         help="ablation (monkeypatch of this process): layer graphs captured as shipped (direct), or "
                              "through torch.cuda.graph, which synchronizes and empties the device and pinned host "
                              "caches before each capture (torch, as up to run 47)")
+    parser.add_argument("--offload-embedding", action="store_true",
+                        help="fastlm only: from_pretrained(offload_embedding=True), the input embedding in host memory")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
@@ -272,11 +275,12 @@ def main():
                 cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
-                                        prompt_fraction=args.prompt_fraction))
+                                        prompt_fraction=args.prompt_fraction,
+                                        offload_embedding=fast and args.offload_embedding))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
-                    rows[-1].update(graph_capture=args.graph_capture)
+                    rows[-1].update(graph_capture=args.graph_capture, offload_embedding=args.offload_embedding)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

@@ -122,7 +122,7 @@ def test_bad_dtype(llama_dir, dtype):
 
 @pytest.mark.parametrize("argument, value", [
     ("fast_inference", True), ("load_in_fp8", True), ("load_in_fp8", "block"), ("qat_scheme", "int4"),
-    ("offload_embedding", True), ("float8_kv_cache", True)])
+    ("float8_kv_cache", True)])
 def test_features_not_built_yet(llama_dir, argument, value):
     with pytest.raises(NotImplementedError, match=argument):
         FastLanguageModel.from_pretrained(llama_dir, **{argument: value})

@@ -11,6 +11,7 @@ import torch
 
 from fastlm.loading.config import load_config, stretch_context
 from fastlm.loading.gguf import checkpoint_from_gguf
+from fastlm.loading.host_embedding import keep_input_embedding_on_host
 from fastlm.loading.precision import Precision, choose_precision
 from fastlm.loading.resolve import resolve_source
 from fastlm.loading.tokenizer import fix_tokenizer as fix_tokenizer_for_training
@@ -41,7 +42,7 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                              rope_scaling: Optional[dict], fix_tokenizer: bool, trust_remote_code: bool,
                              use_gradient_checkpointing, resize_model_vocab: Optional[int], revision: Optional[str],
                              float32_mixed_precision: Optional[bool], random_state: int, explicit: frozenset,
-                             model_kwargs: dict, tiled_mlp: bool = False):
+                             model_kwargs: dict, tiled_mlp: bool = False, offload_embedding: bool = False):
     """See FastLanguageModel.from_pretrained. Returns (model, tokenizer); an adapter loads as a PeftModel."""
     check_mode(use_gradient_checkpointing)
     for key in model_kwargs:
@@ -81,6 +82,9 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                          + ("full fine-tuning does not use (no LoRA)" if precision.mode == "full" else
                             f"model_type {config.model_type!r} does not have (no fast path)")
                          + "; leave unsloth_tiled_mlp=False (gradient checkpointing saves activation memory).")
+    if offload_embedding and precision.mode == "full":
+        raise ValueError("offload_embedding=True keeps a frozen input embedding in host memory, but full_finetuning="
+                         "True trains it; use LoRA (full_finetuning=False) or leave offload_embedding=False.")
     stretch_context(config, max_seq_length, rope_scaling)
     _check_weight_files(checkpoint)
 
@@ -96,6 +100,8 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         model.resize_token_embeddings(resize_model_vocab)
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an adapter's tokenizer with added tokens
         model.resize_token_embeddings(len(tokenizer))
+    if offload_embedding:
+        keep_input_embedding_on_host(model)
     if fix_tokenizer:
         fix_tokenizer_for_training(tokenizer, model, max_seq_length)
     else:
