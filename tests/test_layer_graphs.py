@@ -71,17 +71,38 @@ def test_layer_state_sees_what_changes_the_forward_path(tiny_checkpoint):
         "replaced storage": lambda: setattr(layer.input_layernorm.weight, "data",
                                             layer.input_layernorm.weight.data.clone()),
         "training flag": lambda: layer.train(not layer.training),
+        "attention dropout": lambda: setattr(layer.self_attn, "attention_dropout", 0.1),
     }
     for what, change in changes.items():
         before = _layer_state(layer)
         change()
         assert _layer_state(layer) != before, what
+    # A dropout module's probability: a graph captured at p = 0 must not replay once dropout is on.
+    layer_with_dropout = _layers(_lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1))[0]
+    dropout = next(m for m in layer_with_dropout.modules() if isinstance(m, torch.nn.Dropout))
+    before = _layer_state(layer_with_dropout)
+    dropout.p = 0.0
+    assert _layer_state(layer_with_dropout) != before
 
 
 def test_dropout_refuses_the_layer(tiny_checkpoint):
     assert dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit"))[0]) is None
     reason = dropout_reason(_layers(_lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1))[0])
     assert reason is not None and "dropout p=0.1" in reason
+
+
+def test_would_graph_walks_a_decoder_once(tiny_checkpoint):
+    """LayerGraphs.would_graph (length buckets ask it at every training forward): false with dropout in the decoder
+    or once a layer was refused; the decoder is walked for dropout at the first question only."""
+    plain_model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    plain = plain_model.base_model.model.model
+    with_dropout = _lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.1).base_model.model.model
+    graphs = LayerGraphs()
+    assert graphs.would_graph(plain) and not graphs.would_graph(with_dropout)
+    next(m for m in with_dropout.modules() if isinstance(m, torch.nn.Dropout)).p = 0.0
+    assert not graphs.would_graph(with_dropout)  # the first answer is kept; the layers' own state sees the change
+    graphs._refuse(_LayerEntry(), _layers(plain_model)[0], "a test's reason")
+    assert graphs.refusals == 1 and not graphs.would_graph(plain)
 
 
 def test_recorded_outputs_are_seen(tiny_checkpoint):

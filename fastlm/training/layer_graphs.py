@@ -129,13 +129,18 @@ def _substitute(value, replacements):
 
 def _layer_state(layer: nn.Module) -> tuple:
     """What the layer's forward path depends on besides its arguments: training flag, parameters (identity,
-    storage, requires_grad), each LoRA projection's adapter state (fused_lora.projection_state), and the attention
-    implementation chosen in the config."""
+    storage, requires_grad), each LoRA projection's adapter state (fused_lora.projection_state), dropout
+    probabilities (a layer captured without dropout whose dropout is turned on is then refused, not replayed), and
+    the attention implementation chosen in the config."""
     state = [layer.training]
     for module in layer.modules():
         own = module.__dict__
         if "lora_A" in own["_modules"]:
             state.append(projection_state(module))
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            state.append(module.p)
+        if "attention_dropout" in own:
+            state.append(own["attention_dropout"])
         for param in own["_parameters"].values():
             if param is not None:
                 state.append((id(param), param.data_ptr(), param.requires_grad))
@@ -243,8 +248,26 @@ class LayerGraphs:
         self._pools = {}     # device -> graph memory pool handle
         self._streams = {}   # device -> capture stream
         self.broken = None   # the failure that turned graphs off for this model
+        self.refusals = 0    # layers refused so far (dropout, an argument of unknown type, ...)
+        self._dropout_free = weakref.WeakKeyDictionary()  # decoder module -> no dropout when first asked
         self.why_eager = None
         self._logged = set()
+
+    def would_graph(self, decoder: nn.Module) -> bool:
+        """Whether the layers of `decoder` (the module holding them) are, or will be, replayed as graphs: no capture
+        has failed, no layer has been refused, and the decoder had no dropout when first asked.
+
+        Asked by length_buckets at every training forward, before the first kernel of the step is launched, where
+        walking the decoder for dropout (dropout_reason: 1,333 modules at Llama-3.2-1B with LoRA) cost ~4.5 ms per
+        step on the H200's host (bench/RESULTS.md run 54: 1B QLoRA batch 4, 138.2 -> 133.2 ms), so each decoder is
+        walked once. Dropout turned on later is caught by the layers themselves: it changes their _layer_state, and
+        the capture that follows refuses them."""
+        if self.broken is not None or self.refusals:
+            return False
+        free = self._dropout_free.get(decoder)
+        if free is None:
+            free = self._dropout_free[decoder] = dropout_reason(decoder) is None
+        return free
 
     def captured(self) -> int:
         """How many layer graphs (forward + backward pairs) are held."""
@@ -307,6 +330,7 @@ class LayerGraphs:
 
     def _refuse(self, entry: _LayerEntry, layer: nn.Module, reason: str) -> None:
         entry.refused = reason
+        self.refusals += 1
         self._log_once(f"{type(layer).__name__} runs without CUDA graphs: {reason}")
         return self._eager(reason)
 

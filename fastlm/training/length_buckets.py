@@ -67,15 +67,15 @@ def bucket_length(length: int) -> int:
 
 def _uses_layer_graphs(model) -> bool:
     """True when the model's decoder layers are checkpointed by fastlm's OffloadedCheckpoint with CUDA graphs on and
-    can be graphed: not after a failed capture, not with dropout in the layer (never graphed; padding would only
-    cost time, and change which random numbers the dropout masks take)."""
-    from fastlm.training.layer_graphs import dropout_reason
+    can be graphed (LayerGraphs.would_graph): not after a failed capture or a refused layer, not with dropout in
+    the decoder (never graphed; padding would only cost time, and change which random numbers the dropout masks
+    take)."""
     from fastlm.training.offload import OffloadedCheckpoint
     for module in model.modules():
         checkpoint = getattr(module, "_gradient_checkpointing_func", None)
         if checkpoint is not None and getattr(module, "gradient_checkpointing", False):
             return (isinstance(checkpoint, OffloadedCheckpoint) and checkpoint.graphs is not None
-                    and checkpoint.graphs.broken is None and dropout_reason(module) is None)
+                    and checkpoint.graphs.would_graph(module))
     return False
 
 
