@@ -56,6 +56,30 @@ def step(model, ids, optimizer):
     return loss
 
 
+def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12) -> dict:
+    """When no compute kernel ran: the union of the GPU kernels' intervals (copies and memsets left out: offloaded
+    checkpointing's copies run beside compute on a side stream), the idle time per step it leaves, and the longest
+    gaps between kernels, each with the kernels before and after it (where in the step the GPU waited)."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in device_events
+                     if not e.name.lower().startswith(("memcpy", "memset")))
+    if not kernels:
+        return {}
+    busy, gaps = 0.0, []
+    start, end, name = kernels[0]
+    for next_start, next_end, next_name in kernels[1:]:
+        if next_start > end:
+            busy += end - start
+            gaps.append((next_start - end, name, next_name))
+            start = next_start
+        if next_end > end:
+            end, name = next_end, next_name
+    busy += end - start
+    gaps.sort(key=lambda g: -g[0])
+    return dict(compute_busy_ms=round(busy / 1000 / profiled_steps, 1),
+                compute_idle_ms=round(wall_ms - busy / 1000 / profiled_steps, 1),
+                longest_gaps=[dict(us=round(us, 1), after=a[:70], before=b[:70]) for us, a, b in gaps[:top]])
+
+
 def memory_phases(model, ids, optimizer) -> dict:
     """GiB allocated before, and peak during, each phase of one step."""
     gib = 2.0 ** 30
@@ -106,6 +130,8 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name][0] += event.device_time_total / 1000 / profiled_steps  # ms per step
             kernels[event.name][1] += 1
+    gaps = idle_gaps([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], wall_ms,
+                     profiled_steps)
     by_category = defaultdict(float)
     for name, (ms, _) in kernels.items():
         by_category[category(name)] += ms
@@ -115,7 +141,7 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
                       key=lambda e: -e.self_cpu_time_total)[:30]
     result = dict(impl=impl, wall_ms_profiled=round(wall_ms, 1), gpu_kernel_ms=round(gpu_ms, 1),
                   gpu_busy=round(gpu_ms / wall_ms, 3),
-                  launches_per_step=sum(c for _, c in kernels.values()) // profiled_steps,
+                  launches_per_step=sum(c for _, c in kernels.values()) // profiled_steps, **gaps,
                   by_category={k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
                   top_kernels=[dict(name=n[:120], ms=round(ms, 3), calls=c // profiled_steps,
                                     category=category(n)) for n, (ms, c) in top],
@@ -143,7 +169,8 @@ def main():
             results.append(profile(impl, args.variant, path, args.batch, args.seq))
         except Exception as exc:
             results.append(dict(impl=impl, error=repr(exc)[:600]))
-        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops")}), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops",
+                                                                            "longest_gaps")}), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
                 batch=args.batch, seq=args.seq)
     os.makedirs(args.out, exist_ok=True)
@@ -152,6 +179,8 @@ def main():
     for r in results:
         for k in r.get("top_kernels", [])[:15]:
             print(f"{r['impl']:7s} {k['ms']:8.2f} ms {k['calls']:5d}x {k['category']:14s} {k['name'][:90]}")
+        for g in r.get("longest_gaps", []):
+            print(f"{r['impl']:7s} idle {g['us']:8.1f} us after {g['after'][:60]} / before {g['before'][:60]}")
         for k in r.get("host_ops", [])[:12]:
             print(f"{r['impl']:7s} host {k['self_cpu_ms']:8.2f} ms {k['calls']:5d}x {k['name'][:90]}")
 
