@@ -16,6 +16,10 @@ What lives where, per checkpointed layer:
     prefetch  when layer k's backward starts it also starts the copy back of layer k-1's input (the entry saved
               just before it in forward), so that copy overlaps layer k's recomputation and backward. At most
               two layer inputs are on the GPU at a time.
+    last      the latest saved input also stays referenced on the GPU until the next layer saves its own: for the
+              last layer that is never, so its backward (the first) uses it as is. Copied back, it had no
+              earlier backward to overlap with and the GPU waited for it (0.65 ms per step at Llama-3.2-1B batch 4:
+              bench/RESULTS.md run 55), for one layer input (32 MiB there) held through the loss (run 56).
     throttle  before a copy starts, the host waits until at most MAX_COPIES_IN_FLIGHT earlier copies are
               unfinished: a host far ahead of the GPU (CUDA-graphed layers) would otherwise keep every pending
               input allocated.
@@ -87,10 +91,12 @@ class _SavedInput:
         self.synchronize = synchronize
         self.device_copy = None             # GPU tensor once prefetched, until taken
         self.fetched = None                 # CUDA event recorded after the copy back
+        self.kept = None                    # x itself while this is the latest entry (see release_kept)
         self.done = False
         if stream is None:
             self.host = x.detach()
             return
+        self.kept = x.detach()
         compute = torch.cuda.current_stream(x.device)
         self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         throttle.wait_for_room()
@@ -104,9 +110,14 @@ class _SavedInput:
         if synchronize:
             torch.cuda.synchronize(x.device)
 
+    def release_kept(self) -> None:
+        """Drop the GPU input itself, once a later layer has saved its own (its pinned copy remains)."""
+        self.kept = None
+
     def prefetch(self) -> None:
-        """Start copying the input back to the GPU on the side stream (no-op on CPU, when done or started)."""
-        if self.stream is None or self.done or self.device_copy is not None:
+        """Start copying the input back to the GPU on the side stream (no-op on CPU, when done or started, or while
+        the GPU input itself is kept)."""
+        if self.stream is None or self.done or self.device_copy is not None or self.kept is not None:
             return
         device = self.stream.device
         compute = torch.cuda.current_stream(device)
@@ -136,9 +147,12 @@ class _SavedInput:
             previous = self.previous() if self.previous is not None else None
             if previous is not None:
                 previous.prefetch()
-            torch.cuda.current_stream(self.stream.device).wait_event(self.fetched)
-            x = self.device_copy
-        self.done, self.host, self.device_copy, self.previous = True, None, None, None
+            if self.kept is not None:       # the last layer's input: still on the GPU, nothing to copy back
+                x = self.kept
+            else:
+                torch.cuda.current_stream(self.stream.device).wait_event(self.fetched)
+                x = self.device_copy
+        self.done, self.host, self.device_copy, self.previous, self.kept = True, None, None, None, None
         return x
 
 
@@ -293,6 +307,8 @@ class OffloadedCheckpoint:
                 self._streams[x.device] = torch.cuda.Stream(device=x.device)
             stream = self._streams[x.device]
         latest = self._latest() if self._latest is not None else None
+        if latest is not None:
+            latest.release_kept()
         previous = weakref.ref(latest) if latest is not None and not latest.done else None
         entry = _SavedInput(x, stream, previous, self.synchronize, self._throttle)
         self._latest = weakref.ref(entry)
