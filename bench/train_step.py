@@ -107,13 +107,11 @@ def allocator_settings() -> str:
 
 
 def _layer_graphs(model):
-    """The LayerGraphs of the model's offloaded checkpoint (None when graphs are off)."""
+    """The LayerGraphs of the model's offloaded checkpoint (None when graphs or offloaded checkpointing are off)."""
+    from fastlm.training.checkpointing import checkpointing_module
     from fastlm.training.offload import OffloadedCheckpoint
-    for module in model.modules():
-        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(checkpoint, OffloadedCheckpoint):
-            return checkpoint.graphs
-    return None
+    _, checkpoint = checkpointing_module(model)
+    return checkpoint.graphs if isinstance(checkpoint, OffloadedCheckpoint) else None
 
 
 def step_lengths(steps: int, seq: int, lengths) -> list:

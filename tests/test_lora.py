@@ -124,10 +124,15 @@ def test_phi3_split_names_map_to_fused_projections(tiny_checkpoint):
 
 
 def test_gradient_checkpointing_modes(tiny_checkpoint):
+    from fastlm.training.checkpointing import checkpointing_module
+    from fastlm.training.offload import OffloadedCheckpoint
     for mode, expected in ((True, True), ("unsloth", True), (False, False)):
         model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"))
         model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode)
         assert model.get_base_model().is_gradient_checkpointing is expected
+        decoder, function = checkpointing_module(model)
+        assert decoder is (model.get_base_model().model if expected else None)
+        assert isinstance(function, OffloadedCheckpoint) is (mode == "unsloth")
         assert _step(model, tokenizer) > 0  # trains with a 4-bit frozen base either way
 
 

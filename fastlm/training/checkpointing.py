@@ -4,8 +4,9 @@ True: torch's non-reentrant checkpoint of each decoder layer (transformers' own 
 "unsloth": offloaded checkpointing (fastlm/training/offload.py): each layer's input waits in pinned host memory
 instead of on the GPU; on a CPU it is plain checkpointing. It is installed on the model instance through
 transformers' extension point `_set_gradient_checkpointing(enable=True, gradient_checkpointing_func=...)`
-(the same signature from 4.35 through 5.24), which sets `_gradient_checkpointing_func` on that model's
-GradientCheckpointingLayer modules only; nothing global changes.
+(the same signature from 4.35 through 5.24), which sets `_gradient_checkpointing_func` on that model's modules
+with a `gradient_checkpointing` flag only (the decoder, e.g. LlamaModel, and its GradientCheckpointingLayer
+layers); nothing global changes.
 """
 import inspect
 from typing import Union
@@ -45,6 +46,16 @@ def set_gradient_checkpointing(model, mode: Union[bool, str]) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def checkpointing_module(model) -> tuple:
+    """(module, checkpoint function) of the first module of `model`, in modules() order, that checkpoints: the
+    decoder (e.g. LlamaModel), whose layers use the same function; (None, None) when checkpointing is off."""
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if function is not None and getattr(module, "gradient_checkpointing", False):
+            return module, function
+    return None, None
 
 
 def _enable_offloaded(model) -> None:

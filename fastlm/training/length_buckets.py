@@ -70,13 +70,11 @@ def _uses_layer_graphs(model) -> bool:
     can be graphed (LayerGraphs.would_graph): not after a failed capture or a refused layer, not with dropout in
     the decoder (never graphed; padding would only cost time, and change which random numbers the dropout masks
     take)."""
+    from fastlm.training.checkpointing import checkpointing_module
     from fastlm.training.offload import OffloadedCheckpoint
-    for module in model.modules():
-        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
-        if checkpoint is not None and getattr(module, "gradient_checkpointing", False):
-            return (isinstance(checkpoint, OffloadedCheckpoint) and checkpoint.graphs is not None
-                    and checkpoint.graphs.would_graph(module))
-    return False
+    decoder, checkpoint = checkpointing_module(model)
+    return (isinstance(checkpoint, OffloadedCheckpoint) and checkpoint.graphs is not None
+            and checkpoint.graphs.would_graph(decoder))
 
 
 def padded_length(model, arguments: dict, extra: dict) -> Optional[int]:
