@@ -7,13 +7,13 @@ For Llama-3.2-1B's and Llama-3.1-8B's embedding shapes (128256 x 2048 / x 4096, 
 kernel can read (fastlm.loading.host_embedding.host_mapped, i.e. torch.as_tensor over a __cuda_array_interface__;
 a storage from torch._C._construct_storage_from_data_pointer; a Triton gather given the pinned CPU tensor itself),
 each checked equal to the device lookup, with the device memory each alias allocates and the GB/s it reaches.
-bench/RESULTS.md run 53 (there as ab/uva_probe.py, the same measurements).
+Times are bench.common.time_ms's medians; bench/RESULTS.md run 53 measured the same lookups with a scratch script
+(means of 20 calls).
 """
 import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +22,10 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import gbps, time_ms  # noqa: E402
 from fastlm.loading.host_embedding import host_mapped  # noqa: E402
 
 VOCAB = 128256
-
-
-def timed_ms(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
 
 
 @triton.jit
@@ -52,23 +43,23 @@ def measure(hidden: int, tokens: int) -> dict:
     ids = torch.randint(0, VOCAB, (tokens,), device="cuda")
     expected = F.embedding(ids, weight)
     row = dict(hidden=hidden, tokens=tokens, mib_read=tokens * hidden * 2 / 2**20,
-               device_ms=timed_ms(lambda: F.embedding(ids, weight)))
+               device_ms=time_ms(lambda: F.embedding(ids, weight)))
     allocated = torch.cuda.memory_allocated()
     mapped = host_mapped(weight)
     row.update(mapped_alloc_bytes=torch.cuda.memory_allocated() - allocated,
                mapped_equal=bool(torch.equal(F.embedding(ids, mapped), expected)),
-               mapped_ms=timed_ms(lambda: F.embedding(ids, mapped)))
+               mapped_ms=time_ms(lambda: F.embedding(ids, mapped)))
     host = weight.cpu().pin_memory()
     storage = torch._C._construct_storage_from_data_pointer(host.data_ptr(), weight.device,
                                                            host.untyped_storage().nbytes())
     aliased = torch.empty(0, dtype=weight.dtype, device="cuda").set_(storage, 0, host.shape, host.stride())
     row.update(storage_equal=bool(torch.equal(F.embedding(ids, aliased), expected)),
-               storage_ms=timed_ms(lambda: F.embedding(ids, aliased)))
+               storage_ms=time_ms(lambda: F.embedding(ids, aliased)))
     out = torch.empty(tokens, hidden, device="cuda", dtype=weight.dtype)
     launch = lambda: _gather_rows[(tokens,)](host, ids, out, H=hidden, BLOCK=1024)  # noqa: E731
     launch()
-    row.update(triton_equal=bool(torch.equal(out, expected)), triton_ms=timed_ms(launch))
-    row["mapped_gb_per_s"] = tokens * hidden * 2 / (row["mapped_ms"] * 1e-3) / 1e9
+    row.update(triton_equal=bool(torch.equal(out, expected)), triton_ms=time_ms(launch))
+    row["mapped_gb_per_s"] = gbps(tokens * hidden * 2, row["mapped_ms"])
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
