@@ -4,7 +4,7 @@
 
 For Llama-3.2-1B's and Llama-3.1-8B's embedding shapes (128256 x 2048 / x 4096, bf16) and a batch's tokens (8192 /
 4096): F.embedding from device memory, then from the same values in pinned host memory through three aliases a CUDA
-kernel can read (fastlm.loading.host_embedding.host_mapped, i.e. torch.as_tensor over a __cuda_array_interface__;
+kernel can read (fastlm.loading.host_weights.host_mapped, i.e. torch.as_tensor over a __cuda_array_interface__;
 a storage from torch._C._construct_storage_from_data_pointer; a Triton gather given the pinned CPU tensor itself),
 each checked equal to the device lookup, with the device memory each alias allocates and the GB/s it reaches.
 Times are bench.common.time_ms's medians; bench/RESULTS.md run 53 measured the same lookups with a scratch script
@@ -23,7 +23,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import gbps, time_ms  # noqa: E402
-from fastlm.loading.host_embedding import host_mapped  # noqa: E402
+from fastlm.loading.host_weights import host_mapped  # noqa: E402
 
 VOCAB = 128256
 

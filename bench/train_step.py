@@ -70,14 +70,14 @@ def flops_per_token(config, seq: int) -> float:
     return 6 * decoder_params + 4 * h * config.vocab_size + 4 * layers * 2 * seq * h
 
 
-def load(variant: str, path: str, fast: bool, offload_embedding: bool = False):
+def load(variant: str, path: str, fast: bool, offloads: dict = None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if fast:
         from fastlm import FastLanguageModel
         model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=4096, dtype=torch.bfloat16,
                                                      load_in_4bit=variant == "qlora",
                                                      load_in_16bit=variant != "qlora",
-                                                     offload_embedding=offload_embedding)
+                                                     **(offloads or {}))
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS,
                                                 use_gradient_checkpointing="unsloth")
     import peft
@@ -125,12 +125,12 @@ def step_lengths(steps: int, seq: int, lengths) -> list:
 
 
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0, offload_embedding=False):
+                prompt_fraction=0.0, offloads=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
     torch.manual_seed(seed)
-    model = load(variant, path, fast, offload_embedding=offload_embedding)
+    model = load(variant, path, fast, offloads=offloads)
     model.train()
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # the training peak is measured apart from loading's
@@ -237,6 +237,8 @@ def main():
                              "caches before each capture (torch, as up to run 47)")
     parser.add_argument("--offload-embedding", action="store_true",
                         help="fastlm only: from_pretrained(offload_embedding=True), the input embedding in host memory")
+    parser.add_argument("--offload-lm-head", action="store_true",
+                        help="fastlm only: from_pretrained(offload_lm_head=True), the output layer streamed from host")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
     args = parser.parse_args()
@@ -265,6 +267,7 @@ def main():
             cuda_graph, pool=pool, stream=stream, capture_error_mode="thread_local")
     lengths = tuple(int(n) for n in args.lengths.split("-")) if args.lengths else None
     path = make_checkpoint(args.shape)
+    offloads = dict(offload_embedding=args.offload_embedding, offload_lm_head=args.offload_lm_head)
     rows = []
     for variant in args.variants.split(","):
         for fast in [impl == "fastlm" for impl in args.impls.split(",")]:
@@ -274,11 +277,11 @@ def main():
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction,
-                                        offload_embedding=fast and args.offload_embedding))
+                                        offloads=offloads if fast else None))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
-                    rows[-1].update(graph_capture=args.graph_capture, offload_embedding=args.offload_embedding)
+                    rows[-1].update(graph_capture=args.graph_capture, **offloads)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

@@ -23,11 +23,13 @@ from tests.fixtures.tiny_models import VOCAB
 CPU_RTOL, GPU_RTOL = 1e-5, 1e-4
 
 
-def _lora_model(path, precision, dropout=0.1, **load):
+def _lora_model(path, precision, dropout=0.1, peft=None, **load):
+    """A tiny LoRA model (r=4) with random lora_B. load: from_pretrained options; peft: get_peft_model's."""
     flags = {"load_in_4bit": True} if precision == "4bit" else {"load_in_16bit": True}
-    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=64, use_gradient_checkpointing=False, **flags, **load)
+    model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=64, use_gradient_checkpointing=False, **flags,
+                                                 **load)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
-                                             use_gradient_checkpointing=False, random_state=0)
+                                             use_gradient_checkpointing=False, random_state=0, **(peft or {}))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would leave every lora_A gradient zero
         for name, param in model.named_parameters():

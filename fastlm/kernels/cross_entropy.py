@@ -21,6 +21,7 @@ Forward saves for backward: the finished gradients grad_h (n, H), grad_W (V, H),
 that are needed); backward only multiplies them by grad_output (0-dim) in place, so backward is cheap
 and may run once (retain_graph + a second backward raises).
 """
+import functools
 import math
 
 import torch
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels._utils import next_power_of_2, num_warps_for, use_triton
+from fastlm.kernels.streamed_cross_entropy import streamed_loss_and_grads
 
 # Memory cap of one chunk's logits buffer: 128 MiB (512 rows at vocab 128256, bf16), measured on the H200
 # (bench/RESULTS.md run 28, Llama-3.2-1B QLoRA batch 4, 8192 tokens, one process per value, same call): 256 MiB
@@ -156,7 +158,7 @@ def _alloc(shape, like, dtype=None):
     return out.fill_(float("nan")) if _POISON else out
 
 
-def _chunked_loss_and_grads(h, weight, bias, labels, denom, opts, need_h, need_w, need_b):
+def _chunked_loss_and_grads(h, need_h, need_w, need_b, *, weight, bias, labels, denom, opts):
     """h (N, H), labels (N,), denom 0-dim fp32. Returns the loss (0-dim fp32) and grad_h, grad_W,
     grad_b (None where not needed), all already divided by denom."""
     n, vocab = h.shape[0], weight.shape[0]
@@ -200,15 +202,14 @@ def _chunked_loss_and_grads(h, weight, bias, labels, denom, opts, need_h, need_w
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """forward: loss and every needed gradient, chunk by chunk; backward: scale them by grad_output."""
+    """forward: the loss and every needed gradient, from `loss_and_grads(h (N, H), need_h, need_w, need_b)` (the
+    chunked schedule here, or the streamed one); backward: scale them by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, denom, ignore_index, softcap, logit_scale, rows):
+    def forward(ctx, hidden, weight, bias, loss_and_grads):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # a no-op for the usual contiguous hidden
-        loss, grad_h, grad_w, grad_b = _chunked_loss_and_grads(
-            h, weight, bias, labels, denom, (ignore_index, softcap, logit_scale, rows),
-            need_h, need_w, need_b)
+        loss, grad_h, grad_w, grad_b = loss_and_grads(h, need_h, need_w, need_b)
         ctx.grads = (None if grad_h is None else grad_h.view(hidden.shape), grad_w, grad_b)
         return loss
 
@@ -220,12 +221,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         # Always multiply (no sync to test grad_output == 1): ~0.5 ms for a 1 GiB grad_W at 4 TB/s.
         grads = tuple(None if g is None else g.mul_(grad_output) for g in grads)
-        return grads + (None,) * 6
+        return grads + (None,)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, softcap=None,
                                logit_scale=None, shift_labels=False, num_items_in_batch=None,
-                               reduction="mean", *, chunk_bytes=None, chunk_rows=None, labelled_count=None):
+                               reduction="mean", *, chunk_bytes=None, chunk_rows=None, labelled_count=None,
+                               host_weight=None):
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, never holding all the logits.
 
     Args:
@@ -242,6 +244,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
             call), or rows per chunk (tests).
         labelled_count: a LabelledCount made from these same labels (same ignore_index and shift_labels) before
             the hidden states were computed: the number of labelled rows is then read without a host sync.
+        host_weight: the weight's values in pinned host memory (offload_lm_head=True; `weight` is then its
+            host-mapped alias): the loss streams it to the GPU by vocabulary blocks in one pass
+            (fastlm.kernels.streamed_cross_entropy; chunk_bytes / chunk_rows then size its blocks / logits
+            rows). The weight must be frozen, with no bias, softcap or logit_scale.
     Returns:
         0-dim fp32 loss, differentiable w.r.t. hidden, weight and bias.
     """
@@ -252,6 +258,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
                          num_items_in_batch, reduction)
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"hidden {hidden.dtype}, weight {weight.dtype} and bias must share a dtype")
+    if host_weight is not None and (bias is not None or softcap is not None or logit_scale is not None
+                                    or weight.requires_grad):
+        raise ValueError("the streamed loss (host_weight) has no bias, softcap or logit_scale and leaves the weight "
+                         "frozen")
     if shift_labels:
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     labels = labels.reshape(-1).to(hidden.device)
@@ -266,14 +276,24 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     else:
         denom = torch.ones((), device=hidden.device, dtype=torch.float32)
     hidden, labels = _labelled_rows(hidden.reshape(-1, hidden.shape[-1]), labels, labelled, labelled_count)
-    rows = max(1, chunk_rows or _rows_per_chunk(labels.numel(), weight.shape[0], weight.element_size(),
-                                                 chunk_bytes or DEFAULT_CHUNK_BYTES))
+    if host_weight is not None:
+        loss_and_grads = functools.partial(_streamed, host_weight, labels, denom, ignore_index, chunk_bytes,
+                                           chunk_rows)
+    else:
+        rows = max(1, chunk_rows or _rows_per_chunk(labels.numel(), weight.shape[0], weight.element_size(),
+                                                     chunk_bytes or DEFAULT_CHUNK_BYTES))
+        loss_and_grads = functools.partial(_chunked_loss_and_grads, weight=weight, bias=bias, labels=labels,
+                                           denom=denom, opts=(ignore_index, softcap, logit_scale, rows))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         # loss only (evaluation): the kernel skips the gradient pass and no gradient matmul runs
-        return _chunked_loss_and_grads(hidden.contiguous(), weight, bias, labels, denom,
-                                       (ignore_index, softcap, logit_scale, rows), False, False, False)[0]
-    return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, denom, ignore_index, softcap,
-                                                 logit_scale, rows)
+        return loss_and_grads(hidden.contiguous(), False, False, False)[0]
+    return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, loss_and_grads)
+
+
+def _streamed(host_weight, labels, denom, ignore_index, block_bytes, chunk_rows, h, need_h, need_w, need_b):
+    loss, grad_h = streamed_loss_and_grads(h, host_weight, labels, denom, ignore_index, need_h,
+                                           block_bytes=block_bytes, chunk_rows=chunk_rows)
+    return loss, grad_h, None, None
 
 
 def _labelled_rows(hidden, labels, labelled, labelled_count=None):

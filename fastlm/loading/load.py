@@ -11,7 +11,7 @@ import torch
 
 from fastlm.loading.config import load_config, stretch_context
 from fastlm.loading.gguf import checkpoint_from_gguf
-from fastlm.loading.host_embedding import keep_input_embedding_on_host
+from fastlm.loading.host_weights import keep_input_embedding_on_host, keep_output_layer_on_host
 from fastlm.loading.precision import Precision, choose_precision
 from fastlm.loading.resolve import resolve_source
 from fastlm.loading.tokenizer import fix_tokenizer as fix_tokenizer_for_training
@@ -42,7 +42,8 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                              rope_scaling: Optional[dict], fix_tokenizer: bool, trust_remote_code: bool,
                              use_gradient_checkpointing, resize_model_vocab: Optional[int], revision: Optional[str],
                              float32_mixed_precision: Optional[bool], random_state: int, explicit: frozenset,
-                             model_kwargs: dict, tiled_mlp: bool = False, offload_embedding: bool = False):
+                             model_kwargs: dict, tiled_mlp: bool = False, offload_embedding: bool = False,
+                             offload_lm_head: bool = False):
     """See FastLanguageModel.from_pretrained. Returns (model, tokenizer); an adapter loads as a PeftModel."""
     check_mode(use_gradient_checkpointing)
     for key in model_kwargs:
@@ -82,9 +83,10 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
                          + ("full fine-tuning does not use (no LoRA)" if precision.mode == "full" else
                             f"model_type {config.model_type!r} does not have (no fast path)")
                          + "; leave unsloth_tiled_mlp=False (gradient checkpointing saves activation memory).")
-    if offload_embedding and precision.mode == "full":
-        raise ValueError("offload_embedding=True keeps a frozen input embedding in host memory, but full_finetuning="
-                         "True trains it; use LoRA (full_finetuning=False) or leave offload_embedding=False.")
+    for name, wanted in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
+        if wanted and precision.mode == "full":
+            raise ValueError(f"{name}=True keeps a frozen embedding matrix in host memory, but full_finetuning=True "
+                             f"trains it; use LoRA (full_finetuning=False) or leave {name}=False.")
     stretch_context(config, max_seq_length, rope_scaling)
     _check_weight_files(checkpoint)
 
@@ -100,14 +102,16 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         model.resize_token_embeddings(resize_model_vocab)
     elif len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an adapter's tokenizer with added tokens
         model.resize_token_embeddings(len(tokenizer))
-    if offload_embedding:
-        keep_input_embedding_on_host(model)
     if fix_tokenizer:
         fix_tokenizer_for_training(tokenizer, model, max_seq_length)
     else:
         tokenizer.model_max_length = max_seq_length
         if tokenizer.pad_token is not None:
             sync_special_tokens(tokenizer, model)
+    if offload_embedding:  # after every resize above (a resized matrix is a new device tensor)
+        keep_input_embedding_on_host(model)
+    if offload_lm_head:
+        keep_output_layer_on_host(model)
     model.max_seq_length = max_seq_length
     if spec is not None:  # kernels on this instance only (tests/test_patching.py proves parity per family)
         from fastlm.patching import apply_fast_path, fast_path_wanted

@@ -5,7 +5,8 @@ Bound as the forward of the *ForCausalLM instance. With `labels`, it runs the de
 sum / num_items_in_batch when the Trainer passes it, Gemma 2/3 final-logit softcapping) with
 fastlm.kernels.cross_entropy.fused_linear_cross_entropy from the final hidden states and lm_head's weight
 (and bias); the returned `logits` are then **None** (nothing of size (B, T, vocab) is ever held). Without
-labels it is the class's own forward, logits (and logits_to_keep) as usual.
+labels it is the class's own forward, logits (and logits_to_keep) as usual. An lm_head kept in host memory
+(offload_lm_head=True, fastlm.loading.host_weights) is streamed to the GPU by the loss.
 
 When PEFT wraps the model, PeftModelForCausalLM -> LoraModel -> this forward; an lm_head trained through
 modules_to_save (a ModulesToSaveWrapper) contributes its active trained copy's weight. Where the fused loss
@@ -22,6 +23,7 @@ import logging
 import torch
 
 from fastlm.kernels.cross_entropy import LabelledCount, fused_linear_cross_entropy
+from fastlm.loading.host_weights import host_source
 from fastlm.training import length_buckets
 
 logger = logging.getLogger("fastlm")
@@ -121,7 +123,7 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     loss = fused_linear_cross_entropy(
         hidden.to(weight.device), weight, loss_labels, bias, ignore_index=ignore_index, softcap=softcap,
         shift_labels=shift_labels is None, num_items_in_batch=extra.get("num_items_in_batch"),
-        labelled_count=labelled_count)
+        labelled_count=labelled_count, host_weight=host_source(weight))
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
     cache_name = _cache_field(CausalLMOutputWithPast)

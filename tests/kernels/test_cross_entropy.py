@@ -60,13 +60,20 @@ def _exact(h, w, b, labels, softcap, logit_scale, shift, num_items, reduction):
 
 
 def _check(shape, vocab, dtype, device, bias=False, need=(True, True, True), softcap=None, logit_scale=None,
-           shift=False, num_items=None, reduction="mean", chunk_rows=None, seed=0):
+           shift=False, num_items=None, reduction="mean", chunk_rows=None, seed=0, streamed_rows=None):
+    """streamed_rows: stream the weight from host memory (offload_lm_head) in blocks of this many vocabulary rows
+    (then chunk_rows is the rows of one logits block)."""
     h, w, b, labels = _inputs(shape, vocab, dtype, device, bias, seed)
     go = torch.randn((), generator=torch.Generator().manual_seed(seed + 1)).item()  # random upstream grad
     kw = dict(softcap=softcap, logit_scale=logit_scale, shift_labels=shift, num_items_in_batch=num_items,
               reduction=reduction)
+    if streamed_rows is not None:
+        host = w.cpu().pin_memory() if device == "cuda" else w
+        kw_fast = dict(host_weight=host, chunk_bytes=streamed_rows * w.shape[1] * w.element_size())
+    else:
+        kw_fast = {}
     outs = []
-    for fn in (lambda *a, **k: fused_linear_cross_entropy(*a, chunk_rows=chunk_rows, **k), reference):
+    for fn in (lambda *a, **k: fused_linear_cross_entropy(*a, chunk_rows=chunk_rows, **k, **kw_fast), reference):
         leaves = [t.clone().requires_grad_(n) if t is not None else None for t, n in zip((h, w, b), need)]
         loss = fn(leaves[0], leaves[1], labels, leaves[2], **kw)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
@@ -185,7 +192,8 @@ def test_ignored_rows_are_left_out_of_the_gemms(device, monkeypatch, ignored, co
     the reference's full-logits GEMM)."""
     seen = []
     chunked = ce._chunked_loss_and_grads
-    monkeypatch.setattr(ce, "_chunked_loss_and_grads", lambda h, *a: (seen.append(h.shape[0]), chunked(h, *a))[1])
+    monkeypatch.setattr(ce, "_chunked_loss_and_grads",
+                        lambda h, *a, **k: (seen.append(h.shape[0]), chunked(h, *a, **k))[1])
     h, w, _, labels = _inputs((3, 7, 40), 1000, torch.float32, device)
     if ignored == "none":
         labels[labels == -100] = 5
@@ -288,3 +296,73 @@ def test_peak_memory_far_below_full_logits(trainable):
     assert ours - grads_mib < 512e6 / 2**20 and ours < full / 4, (ours, full)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
     torch.testing.assert_close(gh.float(), ref_gh.float(), rtol=2 * ULP[torch.bfloat16], atol=1e-7)
+
+
+# ---------------------------------------------------------------- the weight streamed from host memory
+# (offload_lm_head: fastlm/kernels/streamed_cross_entropy.py). Same checks and tolerances as above: the streamed
+# schedule rounds each e_j = exp(z_j - m) to the dtype (a relative ulp on each softmax entry, like dlogits above),
+# sums in fp32 and rounds grad_hidden once; its label term is fp32 (more exact than the reference's p - 1). Blocks
+# of an odd number of vocabulary rows, so the last block is ragged and every label position in a block occurs.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab, block", [(1000, 97), (32003, 9001)], ids=["11-blocks", "4-blocks-of-2-steps"])
+def test_streamed_weight(device, dtype, vocab, block):
+    _check((3, 5, 129), vocab, dtype, device, need=(True, False, False), streamed_rows=block)
+
+
+def test_streamed_weight_options_and_row_chunks(device):
+    _check((2, 9, 65), 1000, torch.bfloat16, device, need=(True, False, False), shift=True,
+           num_items=torch.tensor(23), chunk_rows=4, streamed_rows=250)  # 18 rows: logits blocks of 4, 4, 4, 4, 2
+
+
+def test_streamed_weight_sum_and_frozen_hidden(device):
+    _check((3, 5, 129), 1000, torch.float32, device, need=(True, False, False), reduction="sum", streamed_rows=300)
+    h, w, _, labels = _inputs((3, 5, 129), 1000, torch.float32, device)
+    host = w.cpu().pin_memory() if device == "cuda" else w
+    loss = fused_linear_cross_entropy(h, w, labels, host_weight=host, chunk_bytes=300 * 129 * 4)  # no grad: loss only
+    torch.testing.assert_close(loss, reference(h, w, labels), rtol=64 * ULP[torch.float32], atol=0)
+
+
+def test_streamed_weight_all_rows_ignored(device):
+    h, w, _, labels = _inputs((2, 3, 33), 1000, torch.bfloat16, device)
+    labels[:] = -100
+    host = w.cpu().pin_memory() if device == "cuda" else w
+    h.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", host_weight=host, chunk_bytes=100 * 33 * 2)
+    assert loss.item() == 0.0
+    (gh,) = torch.autograd.grad(loss, (h,))
+    assert not gh.any()
+
+
+def test_streamed_weight_refuses_what_it_does_not_do(device):
+    h, w, b, labels = _inputs((2, 3, 33), 100, torch.float32, device, bias=True)
+    for kwargs in (dict(bias=b), dict(softcap=2.0), dict(logit_scale=0.5)):
+        with pytest.raises(ValueError, match="no bias, softcap or logit_scale"):
+            fused_linear_cross_entropy(h, w, labels, host_weight=w.cpu(), **kwargs)
+    with pytest.raises(ValueError, match="leaves the weight frozen"):
+        fused_linear_cross_entropy(h, w.requires_grad_(), labels, host_weight=w.detach().cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_linear(device, dtype):
+    """Logits through the streamed weight (the offloaded lm_head's forward) against F.linear, and the gradient of
+    x (its backward streams the weight again, sums in fp32, rounds once). Forward: each block is the same matmul
+    as a slice of the full one: equal up to cuBLAS picking another kernel for the narrower shape on the GPU (one
+    ulp of the output). Backward: K = vocab products summed in fp32 in another order than the reference's (block by
+    block), then rounded once: no worse than the reference plus one ulp of the dtype plus the fp32 summation-order
+    error, log2(K) + 2 fp32 ulps of the sum of |terms|."""
+    from fastlm.kernels.streamed_cross_entropy import streamed_linear
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 65, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(1001, 65, generator=g) / 8).to(device, dtype)
+    host = w.cpu().pin_memory() if device == "cuda" else w
+    out = streamed_linear(x, host, block_bytes=97 * 65 * w.element_size())  # 11 blocks, the last ragged
+    ref = torch.nn.functional.linear(x, w)
+    exact = torch.nn.functional.linear(x.double(), w.double())
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_no_worse_than_reference(out, ref, exact, rtol=ULP[dtype], name="logits")
+    go = torch.randn(out.shape, generator=g).to(device, dtype)
+    (gx,) = torch.autograd.grad(out, x, go)
+    (ref_gx,) = torch.autograd.grad(ref, x, go)
+    order = (math.log2(w.shape[0]) + 2) * ULP[torch.float32] * (go.double().abs() @ w.double().abs())
+    assert_no_worse_than_reference(gx, ref_gx, go.double() @ w.double(), atol=order, rtol=ULP[dtype], name="grad_x")
