@@ -35,9 +35,12 @@ import triton.language as tl
 from fastlm.kernels._utils import next_power_of_2, num_warps_for
 
 # Bytes of one weight block copied to the GPU, and the cap of one block's logits (rows x block): 32 MiB. Measured on
-# the H200 (bench/RESULTS.md run 58, bench/host_linear.py): pinned host -> device copies reach 51.6 GB/s at 8 MiB,
-# 53.8 at 32 MiB and 54.9 at 128 MiB, and a copy overlaps the previous block's GEMM fully; 32 MiB keeps the two
-# buffers and the logits block at ~0.1 GiB while the copies run within 2% of their best rate.
+# the H200: pinned host -> device copies alone reach 51.6 GB/s at 8 MiB, 53.8 at 32 MiB, 54.9 at 128 MiB (run 58,
+# bench/host_linear.py); the loss + backward (bench/streamed_loss.py, run 62), 128256 x 4096 with 4096 rows: 25.2 ms
+# at 8 MiB, 20.1 at 16, 20.2 at 32, 20.3 at 64 (52 GB/s: bound by the copies; 14.1 ms with the weight on the GPU),
+# 128256 x 2048 with 8192 rows (bound by the GEMMs): 40.8 / 18.0 / 16.5 / 15.7 ms (15.3 on the GPU); extra device
+# memory 240 / 256 / 288 / 352 MiB (157 on the GPU). 32 MiB: the copies' full rate at both widths for 64 MiB more
+# than the smallest blocks that reach it at 8B.
 BLOCK_BYTES = 32 * 2**20
 # Vocabulary elements one program handles per loop step of the block update (as cross_entropy.MAX_BLOCK_V).
 MAX_BLOCK_V = 8192

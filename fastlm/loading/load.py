@@ -112,6 +112,8 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         keep_input_embedding_on_host(model)
     if offload_lm_head:
         keep_output_layer_on_host(model)
+    if (offload_embedding or offload_lm_head) and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the moved matrices' device memory back, or it stays reserved by this process
     model.max_seq_length = max_seq_length
     if spec is not None:  # kernels on this instance only (tests/test_patching.py proves parity per family)
         from fastlm.patching import apply_fast_path, fast_path_wanted

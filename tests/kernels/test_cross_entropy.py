@@ -348,9 +348,10 @@ def test_streamed_linear(device, dtype):
     """Logits through the streamed weight (the offloaded lm_head's forward) against F.linear, and the gradient of
     x (its backward streams the weight again, sums in fp32, rounds once). Forward: each block is the same matmul
     as a slice of the full one: equal up to cuBLAS picking another kernel for the narrower shape on the GPU (one
-    ulp of the output). Backward: K = vocab products summed in fp32 in another order than the reference's (block by
-    block), then rounded once: no worse than the reference plus one ulp of the dtype plus the fp32 summation-order
-    error, log2(K) + 2 fp32 ulps of the sum of |terms|."""
+    ulp of the output; in fp32 that kernel may also sum the K = 65 products in another order: log2(K) + 2 fp32 ulps
+    of the sum of |terms|, 2.4 ulps seen on the H200). Backward: K = vocab products summed in fp32 in another order
+    than the reference's (block by block), then rounded once: no worse than the reference plus one ulp of the dtype
+    plus the same summation-order term."""
     from fastlm.kernels.streamed_cross_entropy import streamed_linear
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 7, 65, generator=g).to(device, dtype).requires_grad_()
@@ -360,7 +361,8 @@ def test_streamed_linear(device, dtype):
     ref = torch.nn.functional.linear(x, w)
     exact = torch.nn.functional.linear(x.double(), w.double())
     assert out.shape == ref.shape and out.dtype == dtype
-    assert_no_worse_than_reference(out, ref, exact, rtol=ULP[dtype], name="logits")
+    order = (math.log2(x.shape[-1]) + 2) * ULP[torch.float32] * (x.detach().double().abs() @ w.double().abs().t())
+    assert_no_worse_than_reference(out, ref, exact, atol=order, rtol=ULP[dtype], name="logits")
     go = torch.randn(out.shape, generator=g).to(device, dtype)
     (gx,) = torch.autograd.grad(out, x, go)
     (ref_gx,) = torch.autograd.grad(ref, x, go)
