@@ -29,7 +29,7 @@ SWITCH = "FASTLM_FAST_PATH"  # "1": always apply, "0": never, unset/"auto": when
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def _set_forward(module, function, signature_of=None, **settings) -> None:
+def set_instance_forward(module, function, signature_of=None, **settings) -> None:
     """Make `function(module, ..., **settings)` the module's forward, on this instance only.
 
     signature_of: a function whose signature the new forward shows to inspect.signature (generate and the
@@ -104,7 +104,7 @@ def _patch_norms(decoder, spec, report) -> None:
                 logger.warning("fastlm: %s does not compute the %s norm fastlm expects; left unpatched.",
                                cls.__name__, spec.norm)
         if checked[cls]:
-            _set_forward(module, function, **settings)
+            set_instance_forward(module, function, **settings)
             report["norms"] += 1
         else:
             report["skipped"].append(f"{name}: {cls.__name__} differs")
@@ -123,7 +123,7 @@ def _patch_mlps(decoder, spec, report) -> None:
         if probed == "unknown":
             report["skipped"].append(f"layers.{index}.mlp: activation {type(activation).__name__}")
             continue
-        _set_forward(mlp, mlp_forward, activation=probed, fused_gate_up=fused)
+        set_instance_forward(mlp, mlp_forward, activation=probed, fused_gate_up=fused)
         report["mlp"] += 1
 
 
@@ -142,7 +142,7 @@ def _patch_attention(decoder, spec, report) -> None:
         if missing:
             report["skipped"].append(f"layers.{index}.self_attn: lacks {', '.join(missing)}")
             continue
-        _set_forward(attention, attention_forward, fastlm_settings=settings)
+        set_instance_forward(attention, attention_forward, fastlm_settings=settings)
         report["attention"] += 1
 
 
@@ -169,7 +169,7 @@ def apply_fast_path(model, spec) -> dict:
     _patch_mlps(decoder, spec, report)
     _patch_attention(decoder, spec, report)
     if model.get_output_embeddings() is not None:
-        _set_forward(model, causal_lm_forward, signature_of=type(model).forward,
+        set_instance_forward(model, causal_lm_forward, signature_of=type(model).forward,
                      final_softcap_key=spec.final_softcap_key)
         report["loss"] = True
     else:

@@ -1,4 +1,5 @@
-"""The public API mirrors Unsloth's FastLanguageModel argument for argument (names, order and defaults)."""
+"""The public API mirrors Unsloth's FastLanguageModel argument for argument (names, order and defaults); fastlm's own
+additions are keyword-only, after Unsloth's parameters and *args, so no positional call means something else."""
 import inspect
 
 import pytest
@@ -15,22 +16,24 @@ FROM_PRETRAINED = [
     ("float32_mixed_precision", None), ("fast_inference", False), ("gpu_memory_utilization", 0.5),
     ("float8_kv_cache", False), ("random_state", 3407), ("max_lora_rank", 64), ("disable_log_stats", True),
     ("qat_scheme", None), ("load_in_fp8", False), ("unsloth_tiled_mlp", False)]
+FROM_PRETRAINED_FASTLM_ONLY = [("offload_lm_head", False)]
 GET_PEFT_MODEL = [
     ("r", 16), ("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     ("lora_alpha", 16), ("lora_dropout", 0), ("bias", "none"), ("use_gradient_checkpointing", "unsloth"),
     ("random_state", 3407), ("use_rslora", False), ("loftq_config", None), ("modules_to_save", None)]
 
 
-def _named(signature):
-    return [(p.name, p.default) for p in signature.parameters.values()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+def _named(signature, kinds=(inspect.Parameter.POSITIONAL_OR_KEYWORD,)):
+    return [(p.name, p.default) for p in signature.parameters.values() if p.kind in kinds]
 
 
 def test_from_pretrained_signature():
     signature = inspect.signature(FastLanguageModel.from_pretrained)
     assert _named(signature) == FROM_PRETRAINED
+    assert _named(signature, (inspect.Parameter.KEYWORD_ONLY,)) == FROM_PRETRAINED_FASTLM_ONLY
     kinds = [p.kind for p in signature.parameters.values()]
-    assert kinds[-2:] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
+    assert kinds[len(FROM_PRETRAINED)] == inspect.Parameter.VAR_POSITIONAL  # right after Unsloth's parameters
+    assert kinds[-1] == inspect.Parameter.VAR_KEYWORD
 
 
 def test_get_peft_model_signature():

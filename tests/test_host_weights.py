@@ -1,12 +1,13 @@
 """offload_embedding / offload_lm_head (fastlm/loading/host_weights.py): embedding matrices in pinned host memory.
 
-CPU: the refusals (tied embeddings, full fine-tuning, a non-bool; for the lm_head also a softcapped model and a
-biased layer) and the CPU case (nothing to move, training runs).
+CPU: the refusals (a tied embedding without its output layer streamed, full fine-tuning, a non-bool; for the lm_head
+also a softcapped model and a biased layer) and the CPU case (nothing to move, training runs).
 GPU: the host-mapped tensor equals its source, uses no device memory, outlives every other reference and is found
 by host_source; a LoRA model with the offloaded embedding gives the same loss, LoRA gradients and generated tokens
 as the same model without it (to the bit), with the embedding's size less allocated device memory; with the
-offloaded lm_head the same within fp32 noise (the loss streams the weight with an online softmax, summing in
-another order), its size less memory, the same logits without labels; PEFT's modules_to_save trains a device copy.
+offloaded lm_head (untied, or tied: then the one matrix, the embedding's lookups reading it in host memory) the same
+within fp32 noise (the loss streams the weight with an online softmax, summing in another order), its size less
+memory, the same logits without labels; PEFT's modules_to_save trains a device copy.
 """
 import gc
 
@@ -27,11 +28,9 @@ def _lora(path, peft=None, **offload):
 
 # ---------------------------------------------------------------- CPU
 
-@pytest.mark.parametrize("offload, message", [("offload_embedding", "ties it to its output layer"),
-                                              ("offload_lm_head", "ties it to its input embedding")])
-def test_tied_embeddings_are_refused(tiny_checkpoint, offload, message):
-    with pytest.raises(ValueError, match=message):
-        FastLanguageModel.from_pretrained(tiny_checkpoint("gemma"), load_in_16bit=True, **{offload: True})
+def test_a_tied_embedding_needs_its_output_layer_streamed(tiny_checkpoint):
+    with pytest.raises(ValueError, match="ties it to its output layer.*add offload_lm_head=True"):
+        FastLanguageModel.from_pretrained(tiny_checkpoint("gemma"), load_in_16bit=True, offload_embedding=True)
 
 
 def test_softcapped_logits_are_not_streamed(tiny_checkpoint):
@@ -60,8 +59,9 @@ def test_offload_flags_must_be_bools(tiny_checkpoint, offload):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case")
-def test_on_the_cpu_nothing_moves_and_training_runs(tiny_checkpoint):
-    model = _lora(tiny_checkpoint("llama"), offload_embedding=True, offload_lm_head=True)
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])  # untied, tied
+def test_on_the_cpu_nothing_moves_and_training_runs(tiny_checkpoint, model_type):
+    model = _lora(tiny_checkpoint(model_type), offload_embedding=True, offload_lm_head=True)
     assert model.get_input_embeddings().weight.device.type == "cpu"
     assert model.get_output_embeddings().weight.device.type == "cpu"
     model(**_batch("cpu")).loss.backward()
@@ -121,11 +121,15 @@ def test_gpu_offloaded_embedding_trains_and_generates_like_on_device(tiny_checkp
 
 
 @pytest.mark.gpu
-def test_gpu_offloaded_lm_head_trains_and_generates_like_on_device(tiny_checkpoint):
-    path = tiny_checkpoint("llama")
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])  # untied, tied (the one matrix moves)
+def test_gpu_offloaded_lm_head_trains_and_generates_like_on_device(tiny_checkpoint, model_type):
+    path = tiny_checkpoint(model_type)
     on_device, expected, tokens, logits = _train_and_generate(path)
     offloaded, streamed, tokens_h, logits_h = _train_and_generate(path, offload_lm_head=True)
-    weight = _lora(path).get_output_embeddings().weight
+    model = _lora(path, offload_lm_head=True)
+    weight = model.get_output_embeddings().weight
+    assert host_source(weight) is not None
+    assert (host_source(model.get_input_embeddings().weight) is not None) == (model_type == "gemma")
     assert 0 <= on_device - offloaded - weight.numel() * weight.element_size() < 2**20
     # fp32: the streamed loss sums the softmax by vocabulary blocks and takes the label's term apart, the chunked
     # one in one pass: rounding-order differences of a few fp32 ulps, far below 1e-4 (the GPU rule elsewhere).

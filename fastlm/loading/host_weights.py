@@ -16,9 +16,9 @@ GB/s, PCIe) against 0.025 ms from device memory, 8192 x 2048 the same (bench/RES
 QLoRA step (batch 2 x 2048) took 349.0 ms with it and 356.0 without, at 5.94 instead of 6.92 GiB peak allocated
 (run 54).
 
-Only for an input embedding the output layer does not share (tied weights would make the lm_head's GEMMs read it
-over PCIe every step) and that is not trained in place (full fine-tuning; LoRA's modules_to_save trains a device
-copy). On the CPU the weights are in host memory already.
+Only for an input embedding that is not trained in place (full fine-tuning; LoRA's modules_to_save trains a device
+copy), and one the output layer does not share unless that layer is streamed too (tied weights would otherwise make
+the lm_head's GEMMs read it over PCIe every step). On the CPU the weights are in host memory already.
 
 **offload_lm_head=True: the output layer, streamed.** The lm_head (V, H) is read whole by every matmul, and cuBLAS
 reading it over PCIe in place re-reads it for each tile of rows (332 ms for 4096 rows at 128256 x 4096, run 58).
@@ -28,13 +28,13 @@ copy with `host_source`) and the lm_head's own forward, set on this instance to 
 labels, generation). A training step then moves the weight over PCIe once (1 GiB at 8B: the loss + backward takes
 20.2 ms, bound by the copies at 52 GB/s, against 14.1 ms with the weight on the GPU, run 62; the 8B QLoRA step 353.0
 ms against 349.0, at 5.00 instead of 5.97 GiB peak allocated, run 61); generating a token costs ~20 ms more. Only
-for an untied, frozen, bias-free lm_head whose logits are not softcapped (ValueError otherwise).
+for a frozen, bias-free lm_head whose logits are not softcapped (ValueError otherwise). With tied embeddings (most
+small models) the one matrix moves, and the input embedding's lookups read their rows from host memory as above.
 
-Public: keep_input_embedding_on_host(model), keep_output_layer_on_host(model), host_mapped(tensor),
+Public: keep_input_embedding_on_host(model, output_streamed), keep_output_layer_on_host(model), host_mapped(tensor),
 host_source(tensor).
 """
 import logging
-import types
 import weakref
 
 import torch
@@ -85,14 +85,18 @@ def host_source(tensor: torch.Tensor):
     return host
 
 
-def keep_input_embedding_on_host(model) -> None:
+def keep_input_embedding_on_host(model, output_streamed: bool = False) -> None:
     """Move `model`'s input embedding weight into pinned host memory, read in place by the GPU (module docstring).
 
     The weight must not train in place (full fine-tuning; from_pretrained refuses that combination): PEFT's
     modules_to_save trains a device copy and leaves this one as the frozen original.
 
+    output_streamed: the output layer will be kept in host memory and streamed (offload_lm_head=True): a tied
+    embedding is then left to keep_output_layer_on_host, which moves the one matrix.
+
     Raises:
-        ValueError: the output layer shares the weight (tied embeddings), or there is no weight tensor.
+        ValueError: the output layer shares the weight (tied embeddings) and is not streamed, or there is no weight
+            tensor.
     """
     embedding = model.get_input_embeddings()
     weight = getattr(embedding, "weight", None)
@@ -101,9 +105,12 @@ def keep_input_embedding_on_host(model) -> None:
                          "tensor to keep in host memory; leave offload_embedding=False.")
     output = model.get_output_embeddings()
     if output is not None and getattr(output, "weight", None) is weight:
+        if output_streamed:
+            return  # one matrix: keep_output_layer_on_host moves it
         raise ValueError("offload_embedding=True keeps the input embedding in host memory, but this model ties it to "
-                         "its output layer (tie_word_embeddings), whose matmuls read all of it at every step; leave "
-                         "offload_embedding=False for this model.")
+                         "its output layer (tie_word_embeddings), whose matmuls would read all of it over PCIe at "
+                         "every step; add offload_lm_head=True (the output layer then streams it) or leave "
+                         "offload_embedding=False.")
     if weight.device.type != "cuda":
         logger.info("fastlm: offload_embedding=True: the input embedding is on %s, in host memory already.",
                     weight.device)
@@ -128,9 +135,11 @@ def keep_output_layer_on_host(model) -> None:
     """Move `model`'s output layer weight into pinned host memory, streamed to the GPU by the matmuls that use it
     (module docstring); its forward is set on this instance to do so.
 
+    A tied input embedding (one matrix) is then in host memory too, where its lookups read their rows in place.
+
     Raises:
-        ValueError: the output layer is not a bias-free nn.Linear, shares the input embedding (tied), or the
-            model softcaps its logits (the streamed loss has no softcap).
+        ValueError: the output layer is not a bias-free nn.Linear, or the model softcaps its logits (the streamed
+            loss has no softcap).
     """
     output = model.get_output_embeddings()
     if type(output) is not torch.nn.Linear or output.bias is not None:
@@ -140,15 +149,16 @@ def keep_output_layer_on_host(model) -> None:
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("offload_lm_head=True: this model softcaps its logits (final_logit_softcapping), which the "
                          "streamed loss does not do; leave offload_lm_head=False.")
-    if output.weight is getattr(model.get_input_embeddings(), "weight", None):
-        raise ValueError("offload_lm_head=True keeps the output layer in host memory, but this model ties it to its "
-                         "input embedding (tie_word_embeddings); leave offload_lm_head=False for this model.")
     weight = output.weight
+    tied = weight is getattr(model.get_input_embeddings(), "weight", None)
     if weight.device.type != "cuda":
         logger.info("fastlm: offload_lm_head=True: the output layer is on %s, in host memory already.", weight.device)
         return
-    weight.data = host_mapped(weight.data)
-    output.forward = types.MethodType(_host_output_forward, output)
-    logger.info("fastlm: output layer (%s, %s, %.2f GiB) kept in pinned host memory, streamed to the GPU by the "
+    from fastlm.patching import set_instance_forward  # here: fastlm.patching imports the models, which import this
+    if host_source(weight) is None:
+        weight.data = host_mapped(weight.data)
+    set_instance_forward(output, _host_output_forward)
+    logger.info("fastlm: output layer (%s, %s, %.2f GiB%s) kept in pinned host memory, streamed to the GPU by the "
                 "loss and logits (offload_lm_head=True).", "x".join(map(str, weight.shape)),
-                str(weight.dtype).replace("torch.", ""), weight.numel() * weight.element_size() / 2**30)
+                str(weight.dtype).replace("torch.", ""), weight.numel() * weight.element_size() / 2**30,
+                "; tied: the input embedding reads its rows there" if tied else "")

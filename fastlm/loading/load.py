@@ -109,7 +109,7 @@ def load_model_and_tokenizer(model_name, max_seq_length: int, dtype, load_in_4bi
         if tokenizer.pad_token is not None:
             sync_special_tokens(tokenizer, model)
     if offload_embedding:  # after every resize above (a resized matrix is a new device tensor)
-        keep_input_embedding_on_host(model)
+        keep_input_embedding_on_host(model, output_streamed=offload_lm_head)
     if offload_lm_head:
         keep_output_layer_on_host(model)
     if (offload_embedding or offload_lm_head) and torch.cuda.is_available():
