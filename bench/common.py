@@ -2,7 +2,11 @@
 
 time_ms: median of CUDA-event timings after warm-up (triton.testing.do_bench).
 gbps: bytes that must move / time.
+reported, save_rows: one result row printed, all rows written as JSON.
 """
+import json
+import os
+
 import torch
 import triton
 
@@ -32,3 +36,17 @@ def copy_bandwidth_gbps(n_bytes: int = 2 * 2**30) -> float:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return gbps(2 * n_bytes, ms)
+
+
+def reported(row: dict) -> dict:
+    """`row` with its floats rounded to 4 decimals, printed as one JSON line (the device call's output shows it)."""
+    row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def save_rows(out_dir: str, file_name: str, rows: list) -> None:
+    """Write {gpu, torch, rows} as JSON to out_dir/file_name (bench/results keeps such files per run)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, file_name), "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

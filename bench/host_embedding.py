@@ -11,7 +11,6 @@ Times are bench.common.time_ms's medians; bench/RESULTS.md run 53 measured the s
 (means of 20 calls).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import gbps, time_ms  # noqa: E402
+from bench.common import gbps, reported, save_rows, time_ms  # noqa: E402
 from fastlm.loading.host_weights import host_mapped  # noqa: E402
 
 VOCAB = 128256
@@ -60,19 +59,14 @@ def measure(hidden: int, tokens: int) -> dict:
     launch()
     row.update(triton_equal=bool(torch.equal(out, expected)), triton_ms=time_ms(launch))
     row["mapped_gb_per_s"] = gbps(tokens * hidden * 2, row["mapped_ms"])
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    return row
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    rows = [measure(2048, 8192), measure(4096, 4096)]
-    for row in rows:
-        print(json.dumps(row))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "host_embedding.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    save_rows(args.out, "host_embedding.json", [reported(measure(2048, 8192)), reported(measure(4096, 4096))])
 
 
 if __name__ == "__main__":

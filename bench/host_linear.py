@@ -12,7 +12,6 @@ For Llama-3.2-1B's and Llama-3.1-8B's lm_head shapes (128256 x 2048 / x 4096, bf
 Times are bench.common.time_ms's medians.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import gbps, time_ms  # noqa: E402
+from bench.common import gbps, reported, save_rows, time_ms  # noqa: E402
 from fastlm.loading.host_weights import host_mapped  # noqa: E402
 
 VOCAB = 128256
@@ -95,14 +94,9 @@ def main():
     for hidden, tokens in ((2048, 8192), (4096, 4096)):
         for part in (linear_rows(hidden, tokens), block_copies(hidden, tokens),
                      fp32_output_matmuls(hidden, tokens, 8192)):
-            for row in part:
-                row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            rows += [reported(row) for row in part]
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "host_linear.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    save_rows(args.out, "host_linear.json", rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ call / time (GB/s) for the streamed one, the extra device memory at its peak (pe
 loss and grad_hidden are from the chunked ones; the streamed one for weight blocks of 8 to 64 MiB (BLOCK_BYTES).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import gbps, peak_mib, time_ms  # noqa: E402
+from bench.common import gbps, peak_mib, reported, save_rows, time_ms  # noqa: E402
 from fastlm.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 VOCAB = 128256
@@ -44,7 +43,7 @@ def measure(hidden_size: int, rows: int) -> list:
         ms = time_ms(lambda: step(**kwargs))
         results.append(dict(hidden=hidden_size, rows=rows, schedule="streamed", block_mib=block_mib, ms=ms,
                             pcie_gb_per_s=gbps(VOCAB * hidden_size * 2, ms), peak_mib=peak_mib(lambda: step(**kwargs)),
-                            loss_rel_diff=float((s_loss - loss).abs() / loss.abs()),
+                            loss_rel_diff=float((s_loss - loss).detach().abs() / loss.abs()),
                             grad_max_diff_over_max=float((s_grad.float() - grad.float()).abs().max()
                                                          / grad.float().abs().max())))
     return results
@@ -56,14 +55,9 @@ def main():
     args = parser.parse_args()
     rows = []
     for hidden_size, n in ((4096, 4096), (2048, 8192)):
-        for row in measure(hidden_size, n):
-            row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        rows += [reported(row) for row in measure(hidden_size, n)]
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "streamed_loss.json"), "w") as f:
-        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    save_rows(args.out, "streamed_loss.json", rows)
 
 
 if __name__ == "__main__":
