@@ -39,8 +39,9 @@ from fastlm.kernels._utils import next_power_of_2, num_warps_for
 # bench/host_linear.py); the loss + backward (bench/streamed_loss.py, run 62), 128256 x 4096 with 4096 rows: 25.2 ms
 # at 8 MiB, 20.1 at 16, 20.2 at 32, 20.3 at 64 (52 GB/s: bound by the copies; 14.1 ms with the weight on the GPU),
 # 128256 x 2048 with 8192 rows (bound by the GEMMs): 40.8 / 18.0 / 16.5 / 15.7 ms (15.3 on the GPU); extra device
-# memory 240 / 256 / 288 / 352 MiB (157 on the GPU). 32 MiB: the copies' full rate at both widths for 64 MiB more
-# than the smallest blocks that reach it at 8B.
+# memory 240 / 256 / 288 / 352 MiB (157 on the GPU). Run 64 repeated 32 and 64 MiB within 0.5 ms while 8 and 16
+# MiB came out slower (39.1 / 20.6 ms at 8B width, 48.1 / 27.6 at 1B width). 32 MiB: the copies' full rate at both
+# widths, repeatably.
 BLOCK_BYTES = 32 * 2**20
 # Vocabulary elements one program handles per loop step of the block update (as cross_entropy.MAX_BLOCK_V).
 MAX_BLOCK_V = 8192
