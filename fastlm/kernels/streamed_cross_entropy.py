@@ -1,7 +1,7 @@
 """The lm_head and its cross-entropy with the weight in host memory, streamed to the GPU by vocabulary blocks.
 
 With offload_lm_head=True (fastlm.loading.host_weights) the output layer's weight W (V, H) lives in pinned host
-memory. Its matmuls cannot read it in place (cuBLAS re-reads the weight for every tile of rows: 330 ms for 4096
+memory. Its matmuls cannot read it in place (cuBLAS re-reads the weight for every tile of rows: 332 ms for 4096
 rows at 128256 x 4096, bench/RESULTS.md run 58), so it is copied to the GPU block by block, BLOCK_BYTES at a time,
 into one of two device buffers on a side stream while the compute stream works on the other, and each block is
 used once. One pass over W per call, in both functions here:
@@ -22,8 +22,8 @@ streamed_loss_and_grads: fastlm.kernels.cross_entropy's loss (its `reference` is
         loss_i      = m + log(S) - z_label
         dloss_i/dh  = sum_j p_j W_j - W_label = acc / S - (s / S) W_label
     The label's term stays out of the matmul and enters in fp32 as -(1 - p_label) W_label with 1 - p_label = s / S
-    from the other entries' sum: exact where p_label -> 1, where the chunked kernel's (p - onehot) in the model
-    dtype keeps only the rounding of 1 - p_label.
+    from the other entries' sum: accurate to fp32's relative precision even where p_label -> 1, where a difference
+    p_label - 1 (the chunked kernel's, in fp32) keeps only fp32's absolute precision.
 
 Shapes and dtypes: h (n, H) fp32 / fp16 / bf16 on the GPU (or the CPU, where blocks are views and nothing is
 copied); host_weight (V, H) the same dtype, pinned host memory (CUDA) or any CPU tensor; labels (n,) int64.
@@ -128,9 +128,11 @@ class StreamedLinear(torch.autograd.Function):
 
 
 def streamed_linear(x: torch.Tensor, host_weight: torch.Tensor, block_bytes: int = None) -> torch.Tensor:
-    """x (..., H) @ host_weight.T -> (..., V) on x's device, in x's dtype (= host_weight's); differentiable in x."""
+    """x (..., H) @ host_weight.T -> (..., V) on x's device, in host_weight's dtype; differentiable in x.
+
+    x in another dtype is cast to the weight's first, as autocast does for F.linear with a 16-bit weight."""
     if x.dtype != host_weight.dtype:
-        raise ValueError(f"x {x.dtype} and the weight {host_weight.dtype} must share a dtype")
+        x = x.to(host_weight.dtype)
     out = StreamedLinear.apply(x.reshape(-1, x.shape[-1]), host_weight, block_rows_for(host_weight, block_bytes))
     return out.view(*x.shape[:-1], host_weight.shape[0])
 
