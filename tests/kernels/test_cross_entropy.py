@@ -368,3 +368,17 @@ def test_streamed_linear(device, dtype):
     (ref_gx,) = torch.autograd.grad(ref, x, go)
     order = (math.log2(w.shape[0]) + 2) * ULP[torch.float32] * (go.double().abs() @ w.double().abs())
     assert_no_worse_than_reference(gx, ref_gx, go.double() @ w.double(), atol=order, rtol=ULP[dtype], name="grad_x")
+
+
+def test_streamed_linear_casts_its_input_to_the_weight_dtype(device):
+    """An fp32 input meets a bf16 weight as under autocast: cast first, bf16 logits, each block a slice of the same
+    matmul (equal on the CPU; one bf16 ulp of the output allowed for cuBLAS' kernel choice on the GPU)."""
+    from fastlm.kernels.streamed_cross_entropy import streamed_linear
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 33, generator=g).to(device)
+    w = (torch.randn(300, 33, generator=g) / 6).to(device, torch.bfloat16)
+    host = w.cpu().pin_memory() if device == "cuda" else w
+    out = streamed_linear(x, host, block_bytes=64 * 33 * 2)
+    ref = torch.nn.functional.linear(x.to(torch.bfloat16), w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=ULP[torch.bfloat16] if device == "cuda" else 0, atol=0)
