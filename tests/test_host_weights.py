@@ -90,7 +90,7 @@ def test_gpu_host_mapped_tensor():
 
 
 def _train_and_generate(path, **offload):
-    """(allocated device bytes after loading, loss, LoRA grads, greedy tokens, logits without labels)."""
+    """(model, allocated device bytes after loading, (loss, LoRA grads), greedy tokens, logits without labels)."""
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -105,15 +105,15 @@ def _train_and_generate(path, **offload):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tokens = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=6, do_sample=False)
-    return allocated, (loss.detach(), grads), tokens, logits
+    return model, allocated, (loss.detach(), grads), tokens, logits
 
 
 @pytest.mark.gpu
 def test_gpu_offloaded_embedding_trains_and_generates_like_on_device(tiny_checkpoint):
     path = tiny_checkpoint("llama")
-    on_device, (loss, grads), tokens, _ = _train_and_generate(path)
-    offloaded, (loss_h, grads_h), tokens_h, _ = _train_and_generate(path, offload_embedding=True)
-    weight = _lora(path).get_input_embeddings().weight
+    _, on_device, (loss, grads), tokens, _ = _train_and_generate(path)
+    model, offloaded, (loss_h, grads_h), tokens_h, _ = _train_and_generate(path, offload_embedding=True)
+    weight = model.get_input_embeddings().weight
     assert 0 <= on_device - offloaded - weight.numel() * weight.element_size() < 2**20  # to the allocator's rounding
     # The same kernels read the same values (from host memory instead of device memory): equal to the bit.
     assert torch.equal(loss, loss_h) and torch.equal(tokens, tokens_h)
@@ -124,9 +124,8 @@ def test_gpu_offloaded_embedding_trains_and_generates_like_on_device(tiny_checkp
 @pytest.mark.parametrize("model_type", ["llama", "gemma"])  # untied, tied (the one matrix moves)
 def test_gpu_offloaded_lm_head_trains_and_generates_like_on_device(tiny_checkpoint, model_type):
     path = tiny_checkpoint(model_type)
-    on_device, expected, tokens, logits = _train_and_generate(path)
-    offloaded, streamed, tokens_h, logits_h = _train_and_generate(path, offload_lm_head=True)
-    model = _lora(path, offload_lm_head=True)
+    _, on_device, expected, tokens, logits = _train_and_generate(path)
+    model, offloaded, streamed, tokens_h, logits_h = _train_and_generate(path, offload_lm_head=True)
     weight = model.get_output_embeddings().weight
     assert host_source(weight) is not None
     assert (host_source(model.get_input_embeddings().weight) is not None) == (model_type == "gemma")

@@ -85,6 +85,20 @@ def host_source(tensor: torch.Tensor):
     return host
 
 
+def _described(weight: torch.Tensor) -> str:
+    """E.g. "128256x4096, bfloat16, 0.98 GiB" (for the log)."""
+    return (f"{'x'.join(map(str, weight.shape))}, {str(weight.dtype).replace('torch.', '')}, "
+            f"{weight.numel() * weight.element_size() / 2**30:.2f} GiB")
+
+
+def _on_the_host_already(weight: torch.Tensor, option: str, what: str) -> bool:
+    """True (and logged) when `weight` is not on a GPU: the option has nothing to move."""
+    if weight.device.type == "cuda":
+        return False
+    logger.info("fastlm: %s=True: the %s is on %s, in host memory already.", option, what, weight.device)
+    return True
+
+
 def keep_input_embedding_on_host(model, output_streamed: bool = False) -> None:
     """Move `model`'s input embedding weight into pinned host memory, read in place by the GPU (module docstring).
 
@@ -111,14 +125,11 @@ def keep_input_embedding_on_host(model, output_streamed: bool = False) -> None:
                          "its output layer (tie_word_embeddings), whose matmuls would read all of it over PCIe at "
                          "every step; add offload_lm_head=True (the output layer then streams it) or leave "
                          "offload_embedding=False.")
-    if weight.device.type != "cuda":
-        logger.info("fastlm: offload_embedding=True: the input embedding is on %s, in host memory already.",
-                    weight.device)
+    if _on_the_host_already(weight, "offload_embedding", "input embedding"):
         return
     weight.data = host_mapped(weight.data)
-    logger.info("fastlm: input embedding (%s, %s, %.2f GiB) kept in pinned host memory (offload_embedding=True).",
-                "x".join(map(str, weight.shape)), str(weight.dtype).replace("torch.", ""),
-                weight.numel() * weight.element_size() / 2**30)
+    logger.info("fastlm: input embedding (%s) kept in pinned host memory (offload_embedding=True).",
+                _described(weight))
 
 
 def _host_output_forward(self, hidden):
@@ -151,14 +162,12 @@ def keep_output_layer_on_host(model) -> None:
                          "streamed loss does not do; leave offload_lm_head=False.")
     weight = output.weight
     tied = weight is getattr(model.get_input_embeddings(), "weight", None)
-    if weight.device.type != "cuda":
-        logger.info("fastlm: offload_lm_head=True: the output layer is on %s, in host memory already.", weight.device)
+    if _on_the_host_already(weight, "offload_lm_head", "output layer"):
         return
     from fastlm.patching import set_instance_forward  # here: fastlm.patching imports the models, which import this
     if host_source(weight) is None:
         weight.data = host_mapped(weight.data)
     set_instance_forward(output, _host_output_forward)
-    logger.info("fastlm: output layer (%s, %s, %.2f GiB%s) kept in pinned host memory, streamed to the GPU by the "
-                "loss and logits (offload_lm_head=True).", "x".join(map(str, weight.shape)),
-                str(weight.dtype).replace("torch.", ""), weight.numel() * weight.element_size() / 2**30,
+    logger.info("fastlm: output layer (%s%s) kept in pinned host memory, streamed to the GPU by the loss and logits "
+                "(offload_lm_head=True).", _described(weight),
                 "; tied: the input embedding reads its rows there" if tied else "")

@@ -37,6 +37,12 @@ def _inputs(shape, vocab, dtype, device, bias=False, seed=0):
     return h, w, b, labels.to(device)
 
 
+def _host_copy(w, device):
+    """The weight's values where offload_lm_head keeps them: pinned host memory on the GPU, the tensor itself on
+    the CPU."""
+    return w.cpu().pin_memory() if device == "cuda" else w
+
+
 def _exact(h, w, b, labels, softcap, logit_scale, shift, num_items, reduction):
     """fp64 loss and its gradients w.r.t. (h, w, b), and d loss / d raw logits (for the tolerances)."""
     h, w = h.double().requires_grad_(), w.double().requires_grad_()
@@ -68,8 +74,7 @@ def _check(shape, vocab, dtype, device, bias=False, need=(True, True, True), sof
     kw = dict(softcap=softcap, logit_scale=logit_scale, shift_labels=shift, num_items_in_batch=num_items,
               reduction=reduction)
     if streamed_rows is not None:
-        host = w.cpu().pin_memory() if device == "cuda" else w
-        kw_fast = dict(host_weight=host, chunk_bytes=streamed_rows * w.shape[1] * w.element_size())
+        kw_fast = dict(host_weight=_host_copy(w, device), chunk_bytes=streamed_rows * w.shape[1] * w.element_size())
     else:
         kw_fast = {}
     outs = []
@@ -318,7 +323,7 @@ def test_streamed_weight_options_and_row_chunks(device):
 def test_streamed_weight_sum_and_frozen_hidden(device):
     _check((3, 5, 129), 1000, torch.float32, device, need=(True, False, False), reduction="sum", streamed_rows=300)
     h, w, _, labels = _inputs((3, 5, 129), 1000, torch.float32, device)
-    host = w.cpu().pin_memory() if device == "cuda" else w
+    host = _host_copy(w, device)
     loss = fused_linear_cross_entropy(h, w, labels, host_weight=host, chunk_bytes=300 * 129 * 4)  # no grad: loss only
     torch.testing.assert_close(loss, reference(h, w, labels), rtol=64 * ULP[torch.float32], atol=0)
 
@@ -326,7 +331,7 @@ def test_streamed_weight_sum_and_frozen_hidden(device):
 def test_streamed_weight_all_rows_ignored(device):
     h, w, _, labels = _inputs((2, 3, 33), 1000, torch.bfloat16, device)
     labels[:] = -100
-    host = w.cpu().pin_memory() if device == "cuda" else w
+    host = _host_copy(w, device)
     h.requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", host_weight=host, chunk_bytes=100 * 33 * 2)
     assert loss.item() == 0.0
@@ -356,7 +361,7 @@ def test_streamed_linear(device, dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 7, 65, generator=g).to(device, dtype).requires_grad_()
     w = (torch.randn(1001, 65, generator=g) / 8).to(device, dtype)
-    host = w.cpu().pin_memory() if device == "cuda" else w
+    host = _host_copy(w, device)
     out = streamed_linear(x, host, block_bytes=97 * 65 * w.element_size())  # 11 blocks, the last ragged
     ref = torch.nn.functional.linear(x, w)
     exact = torch.nn.functional.linear(x.double(), w.double())
@@ -377,7 +382,7 @@ def test_streamed_linear_casts_its_input_to_the_weight_dtype(device):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 33, generator=g).to(device)
     w = (torch.randn(300, 33, generator=g) / 6).to(device, torch.bfloat16)
-    host = w.cpu().pin_memory() if device == "cuda" else w
+    host = _host_copy(w, device)
     out = streamed_linear(x, host, block_bytes=64 * 33 * 2)
     ref = torch.nn.functional.linear(x.to(torch.bfloat16), w)
     assert out.dtype == torch.bfloat16
