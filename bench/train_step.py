@@ -70,11 +70,11 @@ def flops_per_token(config, seq: int) -> float:
     return 6 * decoder_params + 4 * h * config.vocab_size + 4 * layers * 2 * seq * h
 
 
-def load(variant: str, path: str, fast: bool, offloads: dict = None):
+def load(variant: str, path: str, fast: bool, offloads: dict = None, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if fast:
         from fastlm import FastLanguageModel
-        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=4096, dtype=torch.bfloat16,
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=4096, dtype=dtype,
                                                      load_in_4bit=variant == "qlora",
                                                      load_in_16bit=variant != "qlora",
                                                      **(offloads or {}))
@@ -125,12 +125,12 @@ def step_lengths(steps: int, seq: int, lengths) -> list:
 
 
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0, offloads=None):
+                prompt_fraction=0.0, offloads=None, fp32=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
     torch.manual_seed(seed)
-    model = load(variant, path, fast, offloads=offloads)
+    model = load(variant, path, fast, offloads=offloads, dtype=torch.float32 if fp32 else torch.bfloat16)
     model.train()
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()  # the training peak is measured apart from loading's
@@ -150,7 +150,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
             profiler.enable()  # the timed steps only: where the host's time goes
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not fp32):
             step_ids = ids[:, :per_step[step]]
             labels = step_ids.clone()
             labels[:, :int(prompt_fraction * labels.shape[1])] = -100  # a prompt the loss ignores
@@ -241,8 +241,14 @@ def main():
                         help="fastlm only: from_pretrained(offload_lm_head=True), the output layer streamed from host")
     parser.add_argument("--cprofile", action="store_true",
                         help="profile the timed steps' Python with cProfile (slower steps; the text goes to --out)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="fastlm only: an fp32 model (dtype=torch.float32, 4-bit weights dequantized to fp32), no "
+                             "autocast, TF32 off: the reference trajectory the bf16 runs' losses are compared with")
+    parser.add_argument("--unfolded-gate-up", action="store_true",
+                        help="ablation (monkeypatch of this process): the blocked MLP adds gate | up's LoRA terms with "
+                             "a second GEMM, as up to run 66, instead of folding them into the base GEMM")
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
     import_fastlm_first(args.impls.split(","))
     if args.mlp_block_log2 is not None:
@@ -261,6 +267,9 @@ def main():
             causal_lm.LabelledCount = lambda *args, **kwargs: None
         else:
             cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
+    if args.unfolded_gate_up:
+        from fastlm.kernels import lora_mlp
+        lora_mlp._foldable = lambda bases, b_bd: False
     if args.graph_capture == "torch":
         from fastlm.training import layer_graphs
         layer_graphs._capturing = lambda cuda_graph, pool, stream: torch.cuda.graph(
@@ -277,11 +286,12 @@ def main():
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction,
-                                        offloads=offloads if fast else None))
+                                        offloads=offloads if fast else None, fp32=args.fp32 and fast))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
-                    rows[-1].update(graph_capture=args.graph_capture, **offloads)
+                    rows[-1].update(graph_capture=args.graph_capture, folded_gate_up=not args.unfolded_gate_up,
+                                    fp32=args.fp32, **offloads)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))
             print(json.dumps(rows[-1]), flush=True)

@@ -16,16 +16,18 @@ The frozen W is a `FrozenWeight`: 16-bit (`DenseWeight`), NF4/FP4 (`NF4Weight`, 
 fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * SCB / 127). A 4-bit or
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
 sized for the largest weight: a projection holds one dequantized weight at a time (the MLP by blocks of rows
-holds its three, in workspace slots).
+holds its three, in workspace slots; there gate | up's 4-bit / 8-bit weights are written beside their s B, so that
+one GEMM of [x | x A^T] makes their outputs with the LoRA terms: `_folded_weight`).
 
 The gated MLP with its LoRAs, one node too, is in fastlm.kernels.lora_mlp; it uses this module's group helpers
 (`_lora_terms`, `_project`, `_backward_group`, ...), workspaces and memo.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
 fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
-fp32 this equals PEFT to rounding; in bf16 it rounds at other places than PEFT does (base and LoRA products
-summed in one GEMM accumulation, the activation rounded once) and is as accurate: tests/test_fused_lora.py
-(bf16 autocast) and tests/test_patching.py (bf16 weights, on the GPU) compare both with the fp32 result.
+fp32 this equals PEFT to rounding; in bf16 it rounds at other places than PEFT does (the LoRA term added to the
+base product inside one GEMM's fp32 accumulation, with beta = 1, or, folded, both summed before one rounding; the
+activation rounded once) and is as accurate: tests/test_fused_lora.py (bf16 autocast) and tests/test_patching.py
+(bf16 weights, on the GPU) compare both with the fp32 result.
 
 Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, reuse_casts, reference_projection, workspace,
 live_workspaces.
@@ -94,6 +96,15 @@ class NF4Weight:
             w = _dequantize_on_cpu(self.packed, self.quant_state, out)
         return w if w.dtype == dtype else w.to(dtype)
 
+    def materialize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """W written into `out`, an (N, K) view whose rows may be further apart (columns of a wider matrix), in
+        out's dtype: straight from the packed bytes when that is quant_state.dtype, else through materialize()."""
+        if out.dtype != self.quant_state.dtype:
+            return out.copy_(self.materialize(out.dtype))
+        if self.packed.is_cuda:
+            return dequantize_nf4(self.packed, self.quant_state, out=out)
+        return _dequantize_on_cpu(self.packed, self.quant_state, out)
+
 
 def _dequantize_on_cpu(packed, quant_state, out):
     """NF4 on the CPU: bitsandbytes' own dequantize_4bit (what its CPU matmul runs), else the plain-PyTorch twin."""
@@ -117,6 +128,10 @@ class Int8Weight:
     def materialize(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         n, k = self.shape
         out = workspace(n * k, dtype, self.CB.device, slot).view(n, k)
+        return self.materialize_into(out)
+
+    def materialize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """W written into `out`, an (N, K) view whose rows may be further apart, in out's dtype."""
         # int8 * fp32 computes in fp32 and casts once into `out`: no fp32 (N, K) temporary.
         return torch.mul(self.CB, (self.SCB.float() / 127.0).unsqueeze(1), out=out)
 
@@ -316,6 +331,32 @@ def _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side=False, weights=Non
     if side_by_side and xa_all is not None:
         y_all.addmm_(xa_all, b_bd.T)
     return y_all if side_by_side else ys
+
+
+def _foldable(bases, b_bd) -> bool:
+    """Whether projections side by side take their LoRA terms inside the base GEMM (_folded_weight): they have LoRA
+    terms and no bias, and every base weight is materialized into a workspace anyway (4-bit, 8-bit), so writing it
+    there with R more columns costs nothing extra (a 16-bit weight would need a copy and a workspace of its own)."""
+    return b_bd is not None and all(isinstance(b, (NF4Weight, Int8Weight)) and b.bias is None for b in bases)
+
+
+def _folded_weight(bases, b_bd, dtype, slot: int) -> torch.Tensor:
+    """[W_all | b_bd] (sum N_i, K + R) in `dtype`, in workspace `slot`: W_all = [W_0; W_1; ...] the projections'
+    weights stacked by rows, b_bd their block-diagonal s B (_block_diagonal_b) as R more columns. [x | x A^T] times
+    its transpose is then every projection's output with its LoRA term, as ONE GEMM accumulated in fp32 and rounded
+    once, where _project rounds x W^T and then adds (x A^T)(s B)^T with a second, rank-R GEMM that reads and writes
+    all of y: at Llama-3.2-1B's gate | up (8192 x 16384 outputs) 1.020 ms for the two against 0.874 for the folded
+    one and 0.024 for building [x | x A^T] (bench/RESULTS.md run 67). Rounding once also keeps a LoRA term smaller
+    than half a bf16 ulp of x W^T (B early in training), which rounding x W^T first drops: the 8B loss after 12 steps
+    is 0.91% from the fp32 run's folded, 1.92% unfolded (run 71)."""
+    n, k, r = sum(b.shape[0] for b in bases), bases[0].shape[1], b_bd.shape[1]
+    folded = workspace(n * (k + r), dtype, b_bd.device, slot).view(n, k + r)
+    row = 0
+    for base in bases:
+        base.materialize_into(folded[row:row + base.shape[0], :k])
+        row += base.shape[0]
+    folded[:, k:].copy_(b_bd)
+    return folded
 
 
 def _forward_group(x2, bases, As, Bs, scales, dtype, side_by_side=False):

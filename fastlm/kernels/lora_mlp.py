@@ -30,8 +30,8 @@ import torch
 from fastlm.kernels import geglu, swiglu
 from fastlm.kernels._utils import use_triton
 from fastlm.kernels.lora import (LoRA, _backward_group, _base_input_grad, _block_diagonal_b, _compute_dtype,
-                                 _flat_adapters, _lora_input_product, _lora_terms, _pairs, _project, _recomputing,
-                                 _split_da, _split_db, _stacked_a, reference_projection)
+                                 _flat_adapters, _foldable, _folded_weight, _lora_input_product, _lora_terms, _pairs,
+                                 _project, _recomputing, _split_da, _split_db, _stacked_a, reference_projection)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -91,6 +91,31 @@ def _row_blocks(m: int, inner: int) -> list:
     return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
 
 
+class _GateUpByRows:
+    """gate | up of blocks of rows, their weights materialized once for all blocks: as _folded_weight's [W_g; W_u |
+    s B] (workspace slot 1) when _foldable, each block's outputs then ONE GEMM of [x | x A^T]; else gate and up
+    into workspace slots 1 and 2 (a 16-bit weight: the weight itself) and _project's base GEMMs + LoRA term."""
+
+    def __init__(self, in_bases, As, b_bd, dtype):
+        self.bases, self.As, self.b_bd, self.dtype = in_bases, As, b_bd, dtype
+        self.folded = _folded_weight(in_bases, b_bd, dtype, slot=1) if _foldable(in_bases, b_bd) else None
+        self.weights = None if self.folded is not None else \
+            [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+
+    def outputs(self, x_rows, xa_rows):
+        """gate | up (M_b, 2I) of x_rows (M_b, K), with xa_rows = x_rows A_all^T (M_b, R) or None."""
+        if self.folded is not None:
+            return torch.cat((x_rows, xa_rows), dim=1) @ self.folded.T
+        return _project(x_rows, self.bases, self.As, xa_rows, self.b_bd, self.dtype, side_by_side=True,
+                        weights=self.weights)
+
+    def input_grad(self, d_rows, out):
+        """d_rows W_all (M_b, K) into `out`, for d_rows = dgate | dup (M_b, 2I): the base part of dx."""
+        if self.folded is not None:
+            return torch.mm(d_rows, self.folded[:, :out.shape[1]], out=out)
+        return _base_input_grad(d_rows, self.bases, self.dtype, out=out, weights=self.weights)
+
+
 def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
                           activation, dtype, need_dx, need_a, need_b):
     """(dAs, dBs, dx) of the MLP when its forward saved x (M, H) and the rank-r products only (a recomputation for
@@ -98,9 +123,9 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     block of rows at a time (_row_blocks), so the backward holds gate | up and dh of one block instead of the
     whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
     recomputation. The three weights are materialized once for all blocks (4-bit and 8-bit ones into workspace
-    slots 0-2: 3 dequantizations per layer and step where the recomputation and backward of the unblocked node
-    take 5); dequantized again for each block instead, they cost about 1.4 ms per extra block per step at
-    Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
+    slots 0-1, gate and up folded with their LoRA terms by _GateUpByRows: 3 dequantizations per layer and step
+    where the recomputation and backward of the unblocked node take 5); dequantized again for each block instead,
+    they cost about 1.4 ms per extra block per step at Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
 
     Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
     activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
@@ -118,12 +143,11 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
         if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
     dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
-    # Each weight materialized once for all blocks, gate and up into workspace slots of their own.
-    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+    # Each weight materialized once for all blocks (gate | up: _GateUpByRows).
+    gate_up = _GateUpByRows(in_bases, As[:n_in], b_bd, dtype)
     down_weight = down_base.materialize(dtype) if need_dh else None
     for rows in _row_blocks(m, inner):
-        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                        side_by_side=True, weights=in_weights)
+        y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         gate, up = y_in.chunk(2, dim=-1)
         if da_down is not None:
             da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
@@ -139,7 +163,7 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
         if dyb_in is not None:
             torch.mm(y_in, b_bd, out=dyb_in[rows])
         if need_dx:
-            _base_input_grad(y_in, in_bases, dtype, out=dx[rows], weights=in_weights)
+            gate_up.input_grad(y_in, out=dx[rows])
             if dyb_in is not None:
                 dx[rows].addmm_(dyb_in[rows], a_all)
     dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
@@ -237,12 +261,12 @@ class _MLPFn(torch.autograd.Function):
 def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype):
     """The MLP's output (M, H) computed a block of rows at a time (_row_blocks): gate | up and h of one block,
     3 x (M_b, I), instead of the whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB). The weights
-    are materialized once (gate and up into workspace slots 1, 2). x2 (M, K) in the compute dtype `dtype`;
+    are materialized once (gate | up as _GateUpByRows holds them). x2 (M, K) in the compute dtype `dtype`;
     xa_all, b_bd: _lora_terms of the in-projections. Returns (y, ha, A_down, B_down): h A_down^T (M, r) and the
     down LoRA's casts (None without one); ha also goes into the memo, as the unblocked forward leaves it for the
     recomputation."""
     n_in, m, (hidden, inner) = len(in_bases), x2.shape[0], down_base.shape
-    in_weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+    gate_up = _GateUpByRows(in_bases, As[:n_in], b_bd, dtype)
     down_weight = down_base.materialize(dtype)
     a_down = b_down = ha = None
     if As[n_in] is not None:
@@ -251,8 +275,7 @@ def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, a
         ha = torch.empty(m, a_down.shape[0], dtype=dtype, device=x2.device)                      # (M, r)
     y = torch.empty(m, hidden, dtype=dtype, device=x2.device)
     for rows in _row_blocks(m, inner):
-        y_in = _project(x2[rows], in_bases, As[:n_in], None if xa_all is None else xa_all[rows], b_bd, dtype,
-                        side_by_side=True, weights=in_weights)
+        y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         h = activation_forward(*y_in.chunk(2, dim=-1), activation)
         del y_in
         if down_base.bias is None:

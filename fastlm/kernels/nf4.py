@@ -164,10 +164,12 @@ def _to_out(v, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
-                        n_elements, n_bytes, n_blocks,
+                        n_elements, n_bytes, n_blocks, row_width, row_stride,
                         BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr,
-                        MANUAL_BF16: tl.constexpr):
+                        STRIDED: tl.constexpr, MANUAL_BF16: tl.constexpr):
     # One program: ROWS quant blocks x BS elements, as a (ROWS, BS // 2) tile of packed bytes.
+    # STRIDED: the output is (N, row_width) with rows row_stride apart; row_width is a multiple of BS, so each quant
+    # block lies within one row and is stored contiguously from its row's start + its offset in the row.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)                  # (ROWS,)
     absmax = _absmax_rows(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, rows < n_blocks,
                           BS2, NESTED)
@@ -177,7 +179,13 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr
     lo = tl.load(code_ptr + (q & 15)) * absmax[:, None]                               # odd elements
     vals = tl.interleave(hi, lo)                                                      # (ROWS, BS)
     elem = rows[:, None] * BS + tl.arange(0, BS)[None, :]
-    tl.store(out_ptr + elem, _to_out(vals, out_ptr.dtype.element_ty, MANUAL_BF16), mask=elem < n_elements)
+    if STRIDED:
+        first = rows * BS                                                             # (ROWS,) block starts
+        place = (first // row_width) * row_stride + first % row_width
+        target = place[:, None] + tl.arange(0, BS)[None, :]
+    else:
+        target = elem
+    tl.store(out_ptr + target, _to_out(vals, out_ptr.dtype.element_ty, MANUAL_BF16), mask=elem < n_elements)
 
 
 def _check_state(packed: torch.Tensor, qs) -> int:
@@ -222,8 +230,10 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: Optional[torch.Tensor
     Args:
         packed: the packed weight (`Params4bit.data`, the first output of `quantize_4bit`), any shape.
         quant_state: its `bitsandbytes.functional.QuantState` (or any object with the same attributes).
-        out: optional contiguous buffer with prod(quant_state.shape) elements (bf16/fp16/fp32) to write
-            into, e.g. one reused buffer per weight shape; its dtype sets the output dtype.
+        out: optional buffer (bf16/fp16/fp32) to write into, e.g. one reused buffer per weight shape; its dtype
+            sets the output dtype. Either contiguous with prod(quant_state.shape) elements, or a 2-D (N, K) view
+            of the weight's shape whose rows are further apart than K (out.stride() == (ld, 1), ld > K: the
+            columns of a wider matrix, as fused LoRA's [W | s B] is built), K a multiple of the blocksize.
         dtype: output dtype when `out` is not given; default quant_state.dtype.
     Returns:
         `out`, or a new tensor of shape quant_state.shape. Unlike bnb, never transposed (bnb transposes
@@ -233,8 +243,10 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: Optional[torch.Tensor
     n = _check_state(packed, qs)
     if out is None:
         out = torch.empty(tuple(qs.shape), dtype=dtype or qs.dtype, device=packed.device)
-    elif out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous with {n} elements, got {tuple(out.shape)}")
+    elif out.numel() != n or not (out.is_contiguous() or _row_strided(out, qs)):
+        raise ValueError(f"out must be contiguous with {n} elements, or a row-strided view of shape "
+                         f"{tuple(qs.shape)} whose width is a multiple of {qs.blocksize}, got {tuple(out.shape)} with "
+                         f"strides {out.stride()}")
     if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"output dtype must be bf16/fp16/fp32, got {out.dtype}")
     if not use_triton(packed, out):
@@ -245,11 +257,20 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: Optional[torch.Tensor
     bs = qs.blocksize
     rows = max(1, DEQUANT_TILE // bs)
     n_blocks = triton.cdiv(n, bs)
+    strided = not out.is_contiguous()
+    width, stride = (out.shape[1], out.stride(0)) if strided else (1, 1)
     _nf4_dequant_kernel[(triton.cdiv(n_blocks, rows),)](
-        _packed_arg(packed), absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2, n_blocks,
-        BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested),
+        _packed_arg(packed), absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2, n_blocks, width, stride,
+        BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested), STRIDED=strided,
         MANUAL_BF16=interpreting() and out.dtype == torch.bfloat16, num_warps=DEQUANT_WARPS, **_launch_opts())
     return out
+
+
+def _row_strided(out: torch.Tensor, qs) -> bool:
+    """Whether `out` is an (N, K) view of the weight's 2-D shape with rows ld >= K apart, K a multiple of the
+    quant blocksize (each quant block then lies within one row: the kernel's STRIDED layout)."""
+    return (out.dim() == 2 and tuple(out.shape) == tuple(qs.shape) and out.stride(1) == 1
+            and out.stride(0) >= out.shape[1] and out.shape[1] % qs.blocksize == 0)
 
 
 @triton.jit

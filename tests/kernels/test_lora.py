@@ -426,6 +426,82 @@ def test_mlp_checkpointing_passes_by_row_blocks(activation, n_in, with_lora, blo
     _check_mlp(y_first, got, x, in_bases, in_loras, down, down_lora, activation, upstream, torch.float32)
 
 
+@pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
+def test_mlp_checkpointing_passes_fold_quantized_gate_up(activation, n_in, with_lora, device, monkeypatch):
+    """The same two passes over 4-bit gate/up (one NF4 and one LLM.int8 weight when separate) and an NF4 down: where
+    gate or up has a LoRA, both blocked passes (the first under no_grad, the backward) fold the LoRA terms into the
+    base GEMM (_folded_weight: [W_g; W_u | s B], the weights written into columns of a wider buffer), else they
+    project as before; outputs and gradients are the plain definition's to fp32 rounding (the tolerance of this
+    file: the folded GEMM sums the same products in one accumulation)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    folds = []
+    fold = op._folded_weight
+    monkeypatch.setattr(mlp, "_folded_weight", lambda *args, **kw: (folds.append(1), fold(*args, **kw))[1])
+    _record_row_blocks(7 * 40, monkeypatch)
+    gen = torch.Generator().manual_seed(9)
+    h, i = 64, 40  # h: a multiple of the quant blocksize, as the strided dequantization needs on the GPU
+    x = torch.randn(3, 5, h, generator=gen).to(device).requires_grad_()
+    widths = [i, i] if n_in == 2 else [2 * i]
+
+    def nf4(n, k):
+        return op.NF4Weight(*bnbf.quantize_4bit(torch.randn(n, k, generator=gen).to(device), blocksize=64,
+                                                compress_statistics=True, quant_type="nf4"))
+
+    in_bases = [nf4(widths[0], h)]
+    if n_in == 2:
+        cb, scb, _ = bnbf.int8_vectorwise_quant(torch.randn(i, h, generator=gen).to(device).half())
+        in_bases.append(op.Int8Weight(cb, scb))
+    in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
+    down, down_lora = nf4(h, i), _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    upstream = torch.randn(3, 5, h, generator=gen).to(device)
+    y_first, got = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)
+    assert len(folds) == (2 if any(with_lora[:n_in]) else 0)
+    _check_mlp(y_first, got, x, in_bases, in_loras, down, down_lora, activation, upstream, torch.float32)
+
+
+def _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream):
+    """(output, gradients of x and the LoRA matrices) of the MLP as offloaded checkpointing runs it: a first pass
+    under no_grad, then the recomputation (output feeding the residual sum) and its backward."""
+    memo = {}
+    with op.reuse_casts(memo), torch.no_grad():
+        y_first = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+    with op.reuse_casts(memo, recomputing=True):
+        y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation, output_feeds_residual=True)
+    return y_first, _grads([y], _params(x, in_loras + [down_lora]), [upstream])
+
+
+@pytest.mark.gpu
+def test_gpu_folded_gate_up_at_llama_8b_shape_is_no_less_accurate(monkeypatch):
+    """Llama-3.1-8B's MLP (H 4096, I 14336), NF4 weights, bf16, r=16 LoRAs with nonzero B, 1,792 rows (blocks of
+    1,152 and 640): the checkpointing passes with gate | up's LoRA terms folded into the base GEMM and with them
+    added by a second GEMM (as before run 68). Folded, the output and every gradient are no further from the fp64
+    result (relative Frobenius error) than unfolded, within 5%: the two round the same products to bf16, the folded
+    one once fewer; a misplaced or missing LoRA term would be off by far more."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator().manual_seed(11)
+    h, i, r = 4096, 14336, 16
+
+    def nf4(n, k):
+        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to("cuda", torch.bfloat16)
+        return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+
+    in_bases, down = [nf4(i, h), nf4(i, h)], nf4(h, i)
+    loras = [_lora(n, k, r, "cuda", gen, scale=1.0) for n, k in ((i, h), (i, h), (h, i))]
+    x = torch.randn(1, 1792, h, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    upstream = torch.randn(1, 1792, h, generator=gen).to("cuda", torch.bfloat16)
+    folded = _checkpointing_passes(x, in_bases, loras[:2], down, loras[2], "silu", upstream)
+    monkeypatch.setattr(mlp, "_foldable", lambda bases, b_bd: False)
+    unfolded = _checkpointing_passes(x, in_bases, loras[:2], down, loras[2], "silu", upstream)
+    x64, loras64 = x.detach().double().requires_grad_(), [_lora64(lo) for lo in loras]
+    exact = mlp.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:2], _to64(down), loras64[2], "silu")
+    exact_grads = _grads([exact], _params(x64, loras64), [upstream.double()])
+    for name, f, u, e in zip(["y", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"],
+                             [folded[0], *folded[1]], [unfolded[0], *unfolded[1]], [exact, *exact_grads]):
+        error_f, error_u = [float((t.double() - e).norm() / e.norm()) for t in (f, u)]
+        print(f"{name}: relative error folded {error_f:.4g}, unfolded {error_u:.4g}")  # shown by pytest -rP
+        assert error_f <= 1.05 * error_u and error_u < 1e-2, f"{name}: folded {error_f:.3g}, unfolded {error_u:.3g}"
+
+
 def test_mlp_row_blocks():
     """Blocks of MLP_ROW_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
     assert mlp._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]

@@ -104,6 +104,25 @@ def test_dequant_into_reused_buffer(device):
         assert torch.equal(out.view(50, 98), F.dequantize_4bit(packed, qs_dtype))
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequant_into_columns_of_a_wider_buffer(device, nested):
+    """out= a (N, K) column slice of an (N, K + 19) buffer (rows K + 19 apart, as fused LoRA's [W | s B]): the
+    weight lands bit-exactly in those columns and the others keep their values (poison checked). 5 rows of 128
+    with blocksize 64: two quant blocks per row, ragged last program. A width that is not a multiple of the
+    blocksize (blocks straddling rows) is refused."""
+    packed, qs = _quantize((5, 128), torch.bfloat16, device, 64, nested=nested)
+    wide = torch.full((5, 128 + 19), float("nan"), dtype=torch.bfloat16, device=device)
+    wide[:, 128:] = 7.0
+    ours = nf4.dequantize_nf4(packed, qs, out=wide[:, :128])
+    assert ours.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :128], F.dequantize_4bit(packed, qs))
+    assert torch.equal(wide[:, 128:], torch.full((5, 19), 7.0, dtype=torch.bfloat16, device=device))
+    straddling_packed, straddling_qs = _quantize((4, 96), torch.bfloat16, device, 64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nf4.dequantize_nf4(straddling_packed, straddling_qs,
+                           out=torch.empty(4, 100, dtype=torch.bfloat16, device=device)[:, :96])
+
+
 def test_cpu_fallback_without_triton(monkeypatch):
     """On a CPU without the Triton interpreter the public functions fall back to the PyTorch reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
