@@ -91,16 +91,19 @@ def _row_blocks(m: int, inner: int) -> list:
     return [slice(start, min(start + rows, m)) for start in range(0, m, rows)]
 
 
-class _GateUpByRows:
-    """gate | up of blocks of rows, their weights materialized once for all blocks: as _folded_weight's [W_g; W_u |
-    s B] (workspace slot 1) when _foldable, each block's outputs then ONE GEMM of [x | x A^T]; else gate and up
-    into workspace slots 1 and 2 (a 16-bit weight: the weight itself) and _project's base GEMMs + LoRA term."""
+class _GateUp:
+    """gate | up of the MLP's input, or of blocks of its rows. When _foldable (LoRA on gate or up, no bias), their
+    weights are materialized once as _folded_weight's [W_g; W_u | s B] (workspace slot 1) and each call is ONE GEMM
+    of [x | x A^T]; every path through the MLP (blocked or not, forward, backward, no_grad) makes gate | up this
+    way, so they agree to the bit (tests/test_lora.py compares gradients before and after an evaluation, which run
+    the MLP unblocked and blocked). Else _project's GEMMs, the weights held in workspace slots 1 and 2 for all blocks
+    when `hold` (the blocked passes), or materialized one at a time per call."""
 
-    def __init__(self, in_bases, As, b_bd, dtype):
+    def __init__(self, in_bases, As, b_bd, dtype, hold: bool):
         self.bases, self.As, self.b_bd, self.dtype = in_bases, As, b_bd, dtype
         self.folded = _folded_weight(in_bases, b_bd, dtype, slot=1) if _foldable(in_bases, b_bd) else None
-        self.weights = None if self.folded is not None else \
-            [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)]
+        self.weights = [base.materialize(dtype, slot=1 + i) for i, base in enumerate(in_bases)] \
+            if self.folded is None and hold else None
 
     def outputs(self, x_rows, xa_rows):
         """gate | up (M_b, 2I) of x_rows (M_b, K), with xa_rows = x_rows A_all^T (M_b, R) or None."""
@@ -109,10 +112,11 @@ class _GateUpByRows:
         return _project(x_rows, self.bases, self.As, xa_rows, self.b_bd, self.dtype, side_by_side=True,
                         weights=self.weights)
 
-    def input_grad(self, d_rows, out):
-        """d_rows W_all (M_b, K) into `out`, for d_rows = dgate | dup (M_b, 2I): the base part of dx."""
+    def input_grad(self, d_rows, out=None):
+        """d_rows W_all (M_b, K), into `out` when given, for d_rows = dgate | dup (M_b, 2I): the base part of dx."""
         if self.folded is not None:
-            return torch.mm(d_rows, self.folded[:, :out.shape[1]], out=out)
+            weight = self.folded[:, :self.folded.shape[1] - self.b_bd.shape[1]]
+            return d_rows @ weight if out is None else torch.mm(d_rows, weight, out=out)
         return _base_input_grad(d_rows, self.bases, self.dtype, out=out, weights=self.weights)
 
 
@@ -123,7 +127,7 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     block of rows at a time (_row_blocks), so the backward holds gate | up and dh of one block instead of the
     whole (M, 3I): Llama-3.2-1B at batch 4, 384 MiB -> 96 MiB. Same FLOPs as making gate | up in the
     recomputation. The three weights are materialized once for all blocks (4-bit and 8-bit ones into workspace
-    slots 0-1, gate and up folded with their LoRA terms by _GateUpByRows: 3 dequantizations per layer and step
+    slots 0-2, gate and up folded with their LoRA terms by _GateUp: 3 dequantizations per layer and step
     where the recomputation and backward of the unblocked node take 5); dequantized again for each block instead,
     they cost about 1.4 ms per extra block per step at Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
 
@@ -143,8 +147,8 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
         if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
     dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
-    # Each weight materialized once for all blocks (gate | up: _GateUpByRows).
-    gate_up = _GateUpByRows(in_bases, As[:n_in], b_bd, dtype)
+    # Each weight materialized once for all blocks (gate | up: _GateUp).
+    gate_up = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=True)
     down_weight = down_base.materialize(dtype) if need_dh else None
     for rows in _row_blocks(m, inner):
         y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
@@ -195,7 +199,7 @@ class _MLPFn(torch.autograd.Function):
             made = {}
 
             def hidden():  # h = act(gate, up) (M, I), making (and keeping) gate | up (M, 2I) first
-                made["y_in"] = y_in = _project(x2, in_bases, As[:n_in], xa_all, b_bd, dtype, side_by_side=True)
+                made["y_in"] = y_in = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=False).outputs(x2, xa_all)
                 return activation_forward(*y_in.chunk(2, dim=-1), activation)
 
             if skip_output:
@@ -251,8 +255,10 @@ class _MLPFn(torch.autograd.Function):
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
                 del dh
                 d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
+                base_grad = _GateUp(ctx.in_bases, As[:n_in], b_bd, dtype, hold=False).input_grad if need[0] else None
                 dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in], Bs[:n_in],
-                                               scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in])
+                                               scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in],
+                                               base_grad=base_grad)
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, None, None, *grads)
@@ -261,12 +267,12 @@ class _MLPFn(torch.autograd.Function):
 def _mlp_output_by_rows(x2, in_bases, As, Bs, scales, down_base, xa_all, b_bd, activation, dtype):
     """The MLP's output (M, H) computed a block of rows at a time (_row_blocks): gate | up and h of one block,
     3 x (M_b, I), instead of the whole (M, 3I) (at Llama-3.2-1B batch 4, 96 MiB instead of 384 MiB). The weights
-    are materialized once (gate | up as _GateUpByRows holds them). x2 (M, K) in the compute dtype `dtype`;
+    are materialized once (gate | up as _GateUp holds them). x2 (M, K) in the compute dtype `dtype`;
     xa_all, b_bd: _lora_terms of the in-projections. Returns (y, ha, A_down, B_down): h A_down^T (M, r) and the
     down LoRA's casts (None without one); ha also goes into the memo, as the unblocked forward leaves it for the
     recomputation."""
     n_in, m, (hidden, inner) = len(in_bases), x2.shape[0], down_base.shape
-    gate_up = _GateUpByRows(in_bases, As[:n_in], b_bd, dtype)
+    gate_up = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=True)
     down_weight = down_base.materialize(dtype)
     a_down = b_down = ha = None
     if As[n_in] is not None:
