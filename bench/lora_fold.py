@@ -54,12 +54,7 @@ def forward_rows(shape: str, m: int, k: int, widths: list, name: str) -> dict:
     w_folded = torch.cat([torch.cat(ws), b_bd], dim=1)       # (N, K+R)
     ideal = lambda: torch.mm(xx, w_folded.T, out=y_all)  # noqa: E731
     build = lambda: torch.cat([x, xa], dim=1, out=xx)  # noqa: E731
-    current()
-    expected = y_all.float().clone()
-    ideal()
-    error = ((y_all.float() - expected).abs().max() / expected.abs().max()).item()
-    return dict(shape=shape, group=name, pass_="forward", m=m, k=k, n=n, r=r, current_ms=time_ms(current),
-                folded_ms=time_ms(ideal), build_operand_ms=time_ms(build), folded_vs_current_rel_err=error)
+    return _timed_row(y_all, current, ideal, build, shape=shape, group=name, pass_="forward", m=m, k=k, n=n, r=r)
 
 
 def backward_rows(shape: str, m: int, k: int, widths: list, name: str) -> dict:
@@ -82,12 +77,18 @@ def backward_rows(shape: str, m: int, k: int, widths: list, name: str) -> dict:
     w_folded = torch.cat(ws + [a_all])                        # (N+R, K)
     ideal = lambda: torch.mm(dd, w_folded, out=dx)  # noqa: E731
     build = lambda: torch.cat([d_all, dyb], dim=1, out=dd)  # noqa: E731
+    return _timed_row(dx, current, ideal, build, shape=shape, group=name, pass_="backward dx", m=m, k=k, n=n, r=r)
+
+
+def _timed_row(out, current, ideal, build, **row) -> dict:
+    """`row` with the times of the two ways (both write `out`) and of building the folded operand, and the folded
+    result's largest difference from the current one, relative to the current output's largest entry."""
     current()
-    expected = dx.float().clone()
+    expected = out.float().clone()
     ideal()
-    error = ((dx.float() - expected).abs().max() / expected.abs().max()).item()
-    return dict(shape=shape, group=name, pass_="backward dx", m=m, k=k, n=n, r=r, current_ms=time_ms(current),
-                folded_ms=time_ms(ideal), build_operand_ms=time_ms(build), folded_vs_current_rel_err=error)
+    error = ((out.float() - expected).abs().max() / expected.abs().max()).item()
+    return dict(row, current_ms=time_ms(current), folded_ms=time_ms(ideal), build_operand_ms=time_ms(build),
+                folded_vs_current_rel_err=error)
 
 
 def main() -> None:

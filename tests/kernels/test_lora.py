@@ -28,6 +28,13 @@ def _dense(n, k, dtype, device, bias=False, gen=None):
     return op.DenseWeight(w, b)
 
 
+def _nf4(n, k, device, gen):
+    """An NF4 weight (N, K) quantized by bitsandbytes from random bf16 values of scale 1/sqrt(K), blocksize 64."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, torch.bfloat16)
+    return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+
+
 def _lora(n, k, r, device, gen, scale=2.0, grad=True):
     a = (torch.randn(r, k, generator=gen) / k ** 0.5).to(device).requires_grad_(grad)
     b = (torch.randn(n, r, generator=gen) / r ** 0.5).to(device).requires_grad_(grad)
@@ -447,16 +454,12 @@ def test_mlp_checkpointing_passes_fold_quantized_gate_up(activation, n_in, with_
     x = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16).requires_grad_()
     widths = [i, i] if n_in == 2 else [2 * i]
 
-    def nf4(n, k):
-        w = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
-        return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
-
-    in_bases = [nf4(widths[0], h)]
+    in_bases = [_nf4(widths[0], h, device, gen)]
     if n_in == 2:
         cb, scb, _ = bnbf.int8_vectorwise_quant(torch.randn(i, h, generator=gen).to(device).half())
         in_bases.append(op.Int8Weight(cb, scb))
     in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
-    down, down_lora = nf4(h, i), _lora(h, i, 4, device, gen) if with_lora[-1] else None
+    down, down_lora = _nf4(h, i, device, gen), _lora(h, i, 4, device, gen) if with_lora[-1] else None
     upstream = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16)
     y_first, got = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)
     assert len(folds) == (2 if any(with_lora[:n_in]) else 0)
@@ -484,16 +487,10 @@ def test_mlp_unblocked_and_checkpointed_agree_to_the_bit_in_bf16(activation, n_i
     grad) and as offloaded checkpointing runs it (blocked first pass and backward) give the same output and
     gradients to the bit: both make gate | up the same way (folded when they have a LoRA), so training after an
     evaluation computes what it computed before (tests/test_lora.py's check on the GPU)."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
     gen = torch.Generator().manual_seed(12)
     h, i = 64, 40
     widths = [i, i] if n_in == 2 else [2 * i]
-
-    def nf4(n, k):
-        w = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
-        return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
-
-    in_bases, down = [nf4(wd, h) for wd in widths], nf4(h, i)
+    in_bases, down = [_nf4(wd, h, device, gen) for wd in widths], _nf4(h, i, device, gen)
     in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
     down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
     x = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16).requires_grad_()
@@ -509,14 +506,8 @@ def _fold_errors(h: int, i: int, rows: int, device, monkeypatch) -> dict:
     """{name: (folded, unfolded) relative Frobenius errors against fp64} of the bf16 checkpointing passes over an
     MLP of width h, i with NF4 weights and r=16 LoRAs with nonzero B, `rows` rows: gate | up's LoRA terms folded
     into the base GEMM, and added by a second GEMM (as before run 68)."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
     gen = torch.Generator().manual_seed(11)
-
-    def nf4(n, k):
-        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, torch.bfloat16)
-        return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
-
-    in_bases, down = [nf4(i, h), nf4(i, h)], nf4(h, i)
+    in_bases, down = [_nf4(i, h, device, gen), _nf4(i, h, device, gen)], _nf4(h, i, device, gen)
     loras = [_lora(n, k, 16, device, gen, scale=1.0) for n, k in ((i, h), (i, h), (h, i))]
     x = torch.randn(1, rows, h, generator=gen).to(device, torch.bfloat16).requires_grad_()
     upstream = torch.randn(1, rows, h, generator=gen).to(device, torch.bfloat16)
