@@ -28,10 +28,10 @@ def _dense(n, k, dtype, device, bias=False, gen=None):
     return op.DenseWeight(w, b)
 
 
-def _nf4(n, k, device, gen):
-    """An NF4 weight (N, K) quantized by bitsandbytes from random bf16 values of scale 1/sqrt(K), blocksize 64."""
+def _nf4(n, k, device, gen, dtype=torch.bfloat16):
+    """An NF4 weight (N, K) quantized by bitsandbytes from random `dtype` values of scale 1/sqrt(K), blocksize 64."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, dtype)
     return op.NF4Weight(*bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
 
 
@@ -482,19 +482,20 @@ def _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, up
 
 
 @pytest.mark.parametrize("activation,n_in,with_lora", MLP_CASES)
-def test_mlp_unblocked_and_checkpointed_agree_to_the_bit_in_bf16(activation, n_in, with_lora, device):
-    """bf16, NF4 weights, one block of rows: the MLP as one autograd node (no checkpointing, or an evaluation with
-    grad) and as offloaded checkpointing runs it (blocked first pass and backward) give the same output and
-    gradients to the bit: both make gate | up the same way (folded when they have a LoRA), so training after an
-    evaluation computes what it computed before (tests/test_lora.py's check on the GPU)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mlp_unblocked_and_checkpointed_agree_to_the_bit(activation, n_in, with_lora, dtype, device):
+    """16-bit compute, NF4 weights, one block of rows: the MLP as one autograd node (no checkpointing, or an
+    evaluation with grad) and as offloaded checkpointing runs it (blocked first pass and backward) give the same
+    output and gradients to the bit: both make gate | up the same way (folded when they have a LoRA), so training
+    after an evaluation computes what it computed before (tests/test_lora.py's check on the GPU)."""
     gen = torch.Generator().manual_seed(12)
     h, i = 64, 40
     widths = [i, i] if n_in == 2 else [2 * i]
-    in_bases, down = [_nf4(wd, h, device, gen) for wd in widths], _nf4(h, i, device, gen)
+    in_bases, down = [_nf4(wd, h, device, gen, dtype) for wd in widths], _nf4(h, i, device, gen, dtype)
     in_loras = [_lora(wd, h, 4, device, gen) if on else None for wd, on in zip(widths, with_lora)]
     down_lora = _lora(h, i, 4, device, gen) if with_lora[-1] else None
-    x = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16).requires_grad_()
-    upstream = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16)
+    x = torch.randn(3, 5, h, generator=gen).to(device, dtype).requires_grad_()
+    upstream = torch.randn(3, 5, h, generator=gen).to(device, dtype)
     y = mlp.lora_mlp(x, in_bases, in_loras, down, down_lora, activation)
     unblocked = _grads([y], _params(x, in_loras + [down_lora]), [upstream])
     y_first, checkpointed = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)
