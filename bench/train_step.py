@@ -245,7 +245,7 @@ def main():
                         help="fastlm only: an fp32 model (dtype=torch.float32, 4-bit weights dequantized to fp32), no "
                              "autocast, TF32 off: the reference trajectory the bf16 runs' losses are compared with")
     parser.add_argument("--unfolded-gate-up", action="store_true",
-                        help="ablation (monkeypatch of this process): the blocked MLP adds gate | up's LoRA terms with "
+                        help="ablation (monkeypatch of this process): the MLP adds gate | up's LoRA terms with "
                              "a second GEMM, as up to run 66, instead of folding them into the base GEMM")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
