@@ -108,13 +108,13 @@ class FastLanguageModel:
                 Llama-3.1-8B, whose lookup of 2 x 2048 tokens then takes 0.7 ms instead of 0.03). Not for models
                 whose output layer shares the input embedding (tie_word_embeddings) unless offload_lm_head=True
                 streams that layer, or for full fine-tuning (ValueError). On the CPU there is nothing to move.
-            offload_lm_head: (fastlm's own, keyword-only) keep the output layer in pinned host memory, streamed to the GPU by
-                blocks once per loss or logits computation (fastlm.kernels.streamed_cross_entropy): its whole size
-                less GPU memory (0.98 GiB for Llama-3.1-8B) for ~6 ms more per training step (the loss waits on
-                the PCIe copies: 20 ms against 14) and ~20 ms more per generated token. Only for an untied, bias-free,
-                frozen lm_head without logit softcapping (ValueError otherwise: full fine-tuning, Gemma 2's
-                softcap); with tied embeddings the one matrix moves (the input embedding's lookups then read it in
-                host memory, as offload_embedding does). On the CPU there is nothing to move.
+            offload_lm_head: (fastlm's own, keyword-only) keep the output layer in pinned host memory, streamed to
+                the GPU by blocks once per loss or logits computation (fastlm.kernels.streamed_cross_entropy): its
+                whole size less GPU memory (0.98 GiB for Llama-3.1-8B) for ~6 ms more per training step (the loss
+                waits on the PCIe copies: 20 ms against 14) and ~20 ms more per generated token. Only for a
+                bias-free, frozen lm_head without logit softcapping (ValueError otherwise: a bias, full
+                fine-tuning, Gemma 2's softcap); with tied embeddings the one matrix moves (the input embedding's
+                lookups then read it in host memory, as offload_embedding does). On the CPU there is nothing to move.
             qat_scheme, load_in_fp8: not built yet; a non-default value raises NotImplementedError.
             **kwargs: passed to transformers' AutoModelForCausalLM.from_pretrained (e.g. attn_implementation).
 
