@@ -103,7 +103,21 @@ def memory_phases(model, ids, optimizer) -> dict:
     return phases
 
 
-def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
+def timeline(device_events, profiled_steps: int) -> list:
+    """The last profiled step's GPU kernels in start order: [start us from the step's first kernel, duration us,
+    gap us since the previous kernel ended, name (90 chars)]; copies and memsets included (they are kernels too)."""
+    events = sorted(device_events, key=lambda e: e.time_range.start)
+    per_step = len(events) // profiled_steps
+    last = events[-per_step:]
+    rows, t0, end = [], last[0].time_range.start, last[0].time_range.start
+    for e in last:
+        start, stop = e.time_range.start, e.time_range.end
+        rows.append([round(start - t0, 1), round(stop - start, 1), round(start - end, 1), e.name[:90]])
+        end = max(end, stop)
+    return rows
+
+
+def profile(impl, variant, path, batch, seq, profiled_steps=2, with_timeline=False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -148,6 +162,9 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2) -> dict:
                   host_ops=[dict(name=e.key[:100], self_cpu_ms=round(e.self_cpu_time_total / 1000 / profiled_steps, 2),
                                  calls=e.count // profiled_steps) for e in host_ops],
                   memory_gib=dict(load_peak=round(load_peak, 3), static_after_load=round(static, 3), **phases))
+    if with_timeline:
+        result["timeline"] = timeline([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
+                                      profiled_steps)
     del model, optimizer, prof
     gc.collect()
     torch.cuda.empty_cache()
@@ -159,6 +176,7 @@ def main():
     add_setting_arguments(parser, shape="8b", batch=2)
     parser.add_argument("--variant", default="qlora")
     parser.add_argument("--impls", default="fastlm,hf")
+    parser.add_argument("--timeline", action="store_true", help="also write one step's kernels in order")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     import_fastlm_first(args.impls.split(","))
@@ -166,11 +184,12 @@ def main():
     results = []
     for impl in args.impls.split(","):
         try:
-            results.append(profile(impl, args.variant, path, args.batch, args.seq))
+            results.append(profile(impl, args.variant, path, args.batch, args.seq,
+                                   with_timeline=args.timeline))
         except Exception as exc:
             results.append(dict(impl=impl, error=repr(exc)[:600]))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops",
-                                                                            "longest_gaps")}), flush=True)
+                                                                            "longest_gaps", "timeline")}), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
                 batch=args.batch, seq=args.seq)
     os.makedirs(args.out, exist_ok=True)

@@ -247,6 +247,12 @@ def main():
     parser.add_argument("--unfolded-gate-up", action="store_true",
                         help="ablation (monkeypatch of this process): the MLP adds gate | up's LoRA terms with "
                              "a second GEMM, as up to run 66, instead of folding them into the base GEMM")
+    parser.add_argument("--unfolded-down", action="store_true",
+                        help="ablation (monkeypatch of this process): the MLP's backward adds down's LoRA term to dh "
+                             "with a second GEMM, as up to run 74, instead of one GEMM of [dy | dy s B] [W; A]")
+    parser.add_argument("--element-copy", action="store_true",
+                        help="ablation (monkeypatch of this process): 16-bit weights are copied into the folded "
+                             "workspace element by element (torch's copy_), as up to run 74, not as 8-byte words")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
@@ -270,6 +276,12 @@ def main():
     if args.unfolded_gate_up:
         from fastlm.kernels import lora_mlp
         lora_mlp._foldable = lambda bases, b_bd: False
+    if args.unfolded_down:
+        from fastlm.kernels import lora_mlp
+        lora_mlp._input_grad_foldable = lambda a_all: False
+    if args.element_copy:
+        from fastlm.kernels import lora
+        lora._COPY_WORDS = ()
     if args.graph_capture == "torch":
         from fastlm.training import layer_graphs
         layer_graphs._capturing = lambda cuda_graph, pool, stream: torch.cuda.graph(
@@ -291,6 +303,7 @@ def main():
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
                     rows[-1].update(graph_capture=args.graph_capture, folded_gate_up=not args.unfolded_gate_up,
+                                    folded_down=not args.unfolded_down, word_copy=not args.element_copy,
                                     fp32=args.fp32, **offloads)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))

@@ -463,30 +463,36 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
 def test_under_bf16_autocast_as_accurate_as_peft(model_type, tiny_checkpoint):
     """Under torch.autocast (bf16; the CPU's autocast here) the fused nodes compute in bf16 as PEFT's layers do,
     rounding at other places: their LoRA gradients are no further from the fp32 result than PEFT's under the same
-    autocast. Per tensor the two errors are different draws of the same size (measured here: fused/PEFT error-norm
-    ratios from 0.45 to 1.88 over llama's 28 LoRA tensors, median 1.0), so the criterion is the error norm of the
-    whole LoRA gradient (measured 0.99 llama, 0.92 phi3; allowed 1.1) plus a per-tensor bound (3x) that a wrong
-    or dropped term, with an error of the gradient's own size (~50x PEFT's), cannot meet."""
-    import math
+    autocast. One draw (LoRA init and batch) is too few to say so: per draw, the ratio of the fused and PEFT error
+    norms of the whole LoRA gradient ranged 0.50-1.54 (llama) and 0.67-1.67 (phi3) over 12 draws, and moved past
+    1.1 with rounding-level changes (another CPU, the down projection's fold), its spread set by a few elements.
+    So the criterion is the median ratio over 8 draws, <= 1 (measured ~0.85-0.9 for both), plus a per-tensor bound
+    (5x) and the loss's, per draw, that a wrong or dropped term, with an error of the gradient's own size (~50x
+    PEFT's), cannot meet."""
+    import statistics
 
-    model = _peft(_load(tiny_checkpoint(model_type), "16bit"), model_type)
-    batch = _batch(model_type)
-    exact = _loss_and_grads(model, batch)[:2]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = _loss_and_grads(model, batch)[:2]
-    install_fused_lora(model, verbose=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, grads, graph = _loss_and_grads(model, batch)
-    assert _fused_nodes(graph)["mlp"] == model.config.num_hidden_layers
-    assert abs(loss - exact[0]) <= 1.1 * abs(plain[0] - exact[0]) + 2 ** -8 * abs(exact[0])
-    fast_total = plain_total = 0.0
-    for name, g in exact[1].items():
-        fast_err = float((grads[name].double() - g.double()).norm())
-        plain_err = float((plain[1][name].double() - g.double()).norm())
-        assert plain_err > 0, f"{name}: PEFT's bf16 autocast left no error: the comparison would prove nothing"
-        assert fast_err <= 3 * plain_err, f"{name}: fused {fast_err:.3g} vs PEFT {plain_err:.3g} (error norm)"
-        fast_total, plain_total = fast_total + fast_err ** 2, plain_total + plain_err ** 2
-    assert math.sqrt(fast_total) <= 1.1 * math.sqrt(plain_total), (math.sqrt(fast_total), math.sqrt(plain_total))
+    path = tiny_checkpoint(model_type)
+    ratios = []
+    for seed in range(1, 9):
+        model = _peft(_load(path, "16bit"), model_type, seed=seed)
+        batch = _batch(model_type, seed=seed)
+        exact = _loss_and_grads(model, batch)[:2]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = _loss_and_grads(model, batch)[:2]
+        install_fused_lora(model, verbose=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads, graph = _loss_and_grads(model, batch)
+        assert _fused_nodes(graph)["mlp"] == model.config.num_hidden_layers
+        assert abs(loss - exact[0]) <= 1.1 * abs(plain[0] - exact[0]) + 2 ** -8 * abs(exact[0])
+        fast_total = plain_total = 0.0
+        for name, g in exact[1].items():
+            fast_err = float((grads[name].double() - g.double()).norm())
+            plain_err = float((plain[1][name].double() - g.double()).norm())
+            assert plain_err > 0, f"{name}: PEFT's bf16 autocast left no error: the comparison would prove nothing"
+            assert fast_err <= 5 * plain_err, f"{name}: fused {fast_err:.3g} vs PEFT {plain_err:.3g} (error norm)"
+            fast_total, plain_total = fast_total + fast_err ** 2, plain_total + plain_err ** 2
+        ratios.append((fast_total / plain_total) ** 0.5)
+    assert statistics.median(ratios) <= 1.0, [round(r, 3) for r in ratios]
 
 
 @pytest.mark.parametrize("model_type, precision, checkpointing", [

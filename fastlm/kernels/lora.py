@@ -77,7 +77,30 @@ class DenseWeight:
 
     def materialize_into(self, out: torch.Tensor) -> torch.Tensor:
         """The weight copied into `out`, an (N, K) view whose rows may be further apart, in out's dtype."""
-        return out.copy_(self.weight)
+        return _copy_into(out, self.weight)
+
+
+# Bytes per element of the widest word the row-strided copy below moves at a time.
+_COPY_WORDS = ((8, torch.int64), (4, torch.int32))
+
+
+def _copy_into(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out.copy_(src) for an (N, K) `out` whose rows may be further apart than K (columns of a wider matrix), src
+    (N, K) contiguous of the same dtype, moved as 8-byte (or 4-byte) words where sizes, strides and alignment allow.
+    torch copies a destination that is not contiguous element by element with index arithmetic per element: for bf16
+    at Llama-3.2-1B's gate and up weights (8192 x 2048 each, into a 2080-wide workspace) 44 us per weight on the H200,
+    about 1.5 TB/s; as int64 words 23 us (2.9 TB/s; a contiguous copy of the same bytes: 21 us), at Llama-3.1-8B's
+    138 -> 67 us (bench/strided_copy.py, bench/RESULTS.md run 76)."""
+    if out.dtype != src.dtype or not src.is_contiguous() or out.dim() != 2 or out.stride(1) != 1:
+        return out.copy_(src)
+    size = out.element_size()
+    for word, word_dtype in _COPY_WORDS:
+        if word > size and (out.shape[1] * size) % word == 0 and (out.stride(0) * size) % word == 0 \
+                and (out.storage_offset() * size) % word == 0 and out.data_ptr() % word == 0 \
+                and src.data_ptr() % word == 0:
+            out.view(word_dtype).copy_(src.view(word_dtype))
+            return out
+    return out.copy_(src)
 
 
 class NF4Weight:
@@ -342,8 +365,8 @@ def _foldable(bases, b_bd) -> bool:
     terms and no bias, and compute in a 16-bit dtype, where rounding once instead of twice matters (in fp32 both
     orders are within fp32 rounding of the exact sum, and the two GEMMs match PEFT's order: tests/test_fused_lora.py
     holds fp32 to 1e-5 of PEFT). A 4-bit or 8-bit weight is written into a workspace anyway; a 16-bit one is copied
-    there (at Llama-3.2-1B's gate | up ~0.04 ms per pass of the ~0.15 ms the fold saves, for a workspace of
-    2I x (H + R): 64 MiB there, 224 MiB at Llama-3.1-8B)."""
+    there (_copy_into: at Llama-3.2-1B's gate | up 2 x 23 us per pass of the ~0.15 ms the fold saves, for a
+    workspace of 2I x (H + R): 64 MiB there, 224 MiB at Llama-3.1-8B)."""
     return b_bd is not None and b_bd.dtype in (torch.bfloat16, torch.float16) and all(b.bias is None for b in bases)
 
 
@@ -364,6 +387,30 @@ def _folded_weight(bases, b_bd, dtype, slot: int) -> torch.Tensor:
         row += base.shape[0]
     folded[:, k:].copy_(b_bd)
     return folded
+
+
+def _stacked_weight(bases, a_all, dtype, slot: int) -> torch.Tensor:
+    """[W_all; A_all] (sum N_i + R, K) in `dtype`, in workspace `slot`: the projections' weights stacked by rows
+    (4-bit and 8-bit ones written straight there, 16-bit ones copied) and their stacked A (R, K) below. With it the
+    input gradient dx = d W_all + (d s B) A_all is ONE GEMM of [d | d b_bd] (_backward_group's `stacked`), the LoRA
+    term inside the GEMM's fp32 sum and rounded once, instead of a second, rank-R GEMM that reads and writes all of
+    dx: for the MLP's down projection at Llama-3.2-1B (dx: 8192 x 8192) that one took 22 us of every ~120 us row
+    block on the H200 (bench/RESULTS.md run 75, a profile of the step). Only where the compute dtype is 16-bit
+    (_input_grad_foldable)."""
+    n, k, r = sum(b.shape[0] for b in bases), bases[0].shape[1], a_all.shape[0]
+    stacked = workspace((n + r) * k, dtype, a_all.device, slot).view(n + r, k)
+    row = 0
+    for base in bases:
+        base.materialize_into(stacked[row:row + base.shape[0]])
+        row += base.shape[0]
+    stacked[n:].copy_(a_all)
+    return stacked
+
+
+def _input_grad_foldable(a_all) -> bool:
+    """Whether a group's input gradient takes its LoRA term inside the base GEMM (_stacked_weight): it has one and
+    computes in a 16-bit dtype (in fp32 the two GEMMs keep PEFT's order, held to 1e-5 by tests/test_fused_lora.py)."""
+    return a_all is not None and a_all.dtype in (torch.bfloat16, torch.float16)
 
 
 def _forward_group(x2, bases, As, Bs, scales, dtype, side_by_side=False):
@@ -415,13 +462,14 @@ def _base_input_grad(d_all, bases, dtype, out=None, weights=None):
 
 
 def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b,
-                    base_grad=None):
+                    base_grad=None, stacked=None):
     """(dAs, dBs, dx) of `_forward_group` from d_all (M, sum N_i), the gradient of its outputs side by side.
 
     One GEMM each for (dy B) (M, R), dA (R, K), dB (sum N_i, R; the blocks on its diagonal are the dB_i) and the
     LoRA term of dx; one per projection for its base (or base_grad(d_all), when given: the MLP's gate | up as one,
-    lora_mlp._GateUp). LoRA gradients come in A's/B's dtype (None where not needed); x_source() is called only when
-    some dA is needed."""
+    lora_mlp._GateUp). stacked: a function returning _stacked_weight's [W_all; A_all], called when dx is needed:
+    dx is then one GEMM of [d_all | dy B] (the MLP's down projection, lora_mlp._DownGrad). LoRA gradients come in
+    A's/B's dtype (None where not needed); x_source() is called only when some dA is needed."""
     n = len(bases)
     dAs, dBs, dx = [None] * n, [None] * n, None
     with_lora = any(a is not None for a in As)
@@ -433,7 +481,9 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
         dAs = _split_da(dyb.T @ (x_source() if callable(x_source) else x_source), As, need_a)   # (R, K) stacked
     if with_lora and any(need_b):
         dBs = _split_db(d_all.T @ xa_all, As, Bs, scales, [base.shape[0] for base in bases], need_b)
-    if need_dx:
+    if need_dx and stacked is not None and dyb is not None:
+        dx = torch.cat((d_all, dyb), dim=1) @ stacked()
+    elif need_dx:
         dx = _base_input_grad(d_all, bases, dtype) if base_grad is None else base_grad(d_all)
         if dyb is not None:
             dx.addmm_(dyb, a_all)

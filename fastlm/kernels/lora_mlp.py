@@ -30,8 +30,9 @@ import torch
 from fastlm.kernels import geglu, swiglu
 from fastlm.kernels._utils import use_triton
 from fastlm.kernels.lora import (LoRA, _backward_group, _base_input_grad, _block_diagonal_b, _compute_dtype,
-                                 _flat_adapters, _foldable, _folded_weight, _lora_input_product, _lora_terms, _pairs,
-                                 _project, _recomputing, _split_da, _split_db, _stacked_a, reference_projection)
+                                 _flat_adapters, _foldable, _folded_weight, _input_grad_foldable, _lora_input_product,
+                                 _lora_terms, _pairs, _project, _recomputing, _split_da, _split_db, _stacked_a,
+                                 _stacked_weight, reference_projection)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -120,6 +121,25 @@ class _GateUp:
         return _base_input_grad(d_rows, self.bases, self.dtype, out=out, weights=self.weights)
 
 
+class _DownGrad:
+    """dh = dy W_d + (dy s_d B_d) A_d, the gradient of the activation h (M_b, I), for rows of the MLP's output
+    gradient dy (M_b, H), given dyb = dy s_d B_d (M_b, r) or None without a down LoRA. When _input_grad_foldable
+    (a LoRA, 16-bit compute), W_d and A_d are stacked once as [W_d; A_d] (_stacked_weight, workspace slot 0) and each
+    call is ONE GEMM of [dy | dyb]; else W_d is materialized once (slot 0) and the LoRA term added by a second GEMM.
+    Every path through the MLP's backward (blocked or not) makes dh this way, so they agree to the bit."""
+
+    def __init__(self, down_base, a_down, dtype):
+        self.a_down = a_down
+        self.stacked = _stacked_weight([down_base], a_down, dtype, slot=0) if _input_grad_foldable(a_down) else None
+        self.weight = down_base.materialize(dtype) if self.stacked is None else None
+
+    def __call__(self, dy_rows, dyb_rows):
+        if self.stacked is not None:
+            return torch.cat((dy_rows, dyb_rows), dim=1) @ self.stacked
+        dh = dy_rows @ self.weight
+        return dh if dyb_rows is None else dh.addmm_(dyb_rows, self.a_down)
+
+
 def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
                           activation, dtype, need_dx, need_a, need_b):
     """(dAs, dBs, dx) of the MLP when its forward saved x (M, H) and the rank-r products only (a recomputation for
@@ -147,9 +167,9 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
         if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
     dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
-    # Each weight materialized once for all blocks (gate | up: _GateUp).
+    # Each weight materialized once for all blocks (gate | up: _GateUp; down: _DownGrad).
     gate_up = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=True)
-    down_weight = down_base.materialize(dtype) if need_dh else None
+    down_grad = _DownGrad(down_base, a_down, dtype) if need_dh else None
     for rows in _row_blocks(m, inner):
         y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         gate, up = y_in.chunk(2, dim=-1)
@@ -157,9 +177,7 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
             da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
         if not need_dh:
             continue
-        dh = _base_input_grad(dy2[rows], [down_base], dtype, weights=[down_weight])
-        if dyb_down is not None:
-            dh.addmm_(dyb_down[rows], a_down)
+        dh = down_grad(dy2[rows], None if dyb_down is None else dyb_down[rows])
         activation_backward(dh, gate, up, activation, inplace=True)   # y_in now holds dgate | dup
         del dh
         if db_in is not None:
@@ -249,7 +267,9 @@ class _MLPFn(torch.autograd.Function):
             # activation backward below overwrites them).
             (dA_down,), (dB_down,), dh = _backward_group(
                 dy2, lambda: activation_forward(gate, up, ctx.activation), ha, a_down, b_down, [ctx.down_base],
-                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:])
+                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:],
+                stacked=(lambda: _stacked_weight([ctx.down_base], a_down, dtype, slot=0))
+                if _input_grad_foldable(a_down) else None)  # as _DownGrad makes dh in the blocked backward
             dAs, dBs, dx = [None] * n_in, [None] * n_in, None
             if need_dh:
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)

@@ -442,12 +442,14 @@ def test_mlp_checkpointing_passes_fold_quantized_gate_up(activation, n_in, with_
     """The same two passes in bf16 over 4-bit gate/up (one NF4 and one LLM.int8 weight when separate) and an NF4
     down: where gate or up has a LoRA, both blocked passes (the first under no_grad, the backward) fold the LoRA
     terms into the base GEMM (_folded_weight: [W_g; W_u | s B], the weights written into columns of a wider buffer),
-    else they project as before; outputs and gradients are within the bf16 tolerance of this file of the fp64 result
-    (the folded GEMM sums the same products in one accumulation). The same passes in fp32 do not fold."""
+    else they project as before; where down has one, the backward folds its LoRA term into dh's GEMM
+    (_stacked_weight: [W_d; A_d]); outputs and gradients are within the bf16 tolerance of this file of the fp64
+    result (the folded GEMMs sum the same products in one accumulation). The same passes in fp32 do not fold."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    folds = []
-    fold = op._folded_weight
+    folds, stacks = [], []
+    fold, stack = op._folded_weight, op._stacked_weight
     monkeypatch.setattr(mlp, "_folded_weight", lambda *args, **kw: (folds.append(1), fold(*args, **kw))[1])
+    monkeypatch.setattr(mlp, "_stacked_weight", lambda *args, **kw: (stacks.append(1), stack(*args, **kw))[1])
     _record_row_blocks(7 * 40, monkeypatch)
     gen = torch.Generator().manual_seed(9)
     h, i = 64, 40  # h: a multiple of the quant blocksize, as the strided dequantization needs on the GPU
@@ -463,11 +465,12 @@ def test_mlp_checkpointing_passes_fold_quantized_gate_up(activation, n_in, with_
     upstream = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16)
     y_first, got = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)
     assert len(folds) == (2 if any(with_lora[:n_in]) else 0)
+    assert len(stacks) == (1 if with_lora[-1] else 0)  # dh = [dy | dy s B_d] [W_d; A_d] in the blocked backward
     _check_mlp(y_first, got, x, in_bases, in_loras, down, down_lora, activation, upstream, torch.bfloat16)
-    folds.clear()
+    folds.clear(), stacks.clear()
     x32 = x.detach().float().requires_grad_()
     _checkpointing_passes(x32, in_bases, in_loras, down, down_lora, activation, upstream.float())
-    assert not folds
+    assert not folds and not stacks
 
 
 def _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream):
@@ -505,8 +508,8 @@ def test_mlp_unblocked_and_checkpointed_agree_to_the_bit(activation, n_in, with_
 
 def _fold_errors(h: int, i: int, rows: int, device, monkeypatch) -> dict:
     """{name: (folded, unfolded) relative Frobenius errors against fp64} of the bf16 checkpointing passes over an
-    MLP of width h, i with NF4 weights and r=16 LoRAs with nonzero B, `rows` rows: gate | up's LoRA terms folded
-    into the base GEMM, and added by a second GEMM (as before run 68)."""
+    MLP of width h, i with NF4 weights and r=16 LoRAs with nonzero B, `rows` rows: gate | up's LoRA terms and
+    down's in dh folded into the base GEMMs, and added by second GEMMs (as before runs 68 and 75)."""
     gen = torch.Generator().manual_seed(11)
     in_bases, down = [_nf4(i, h, device, gen), _nf4(i, h, device, gen)], _nf4(h, i, device, gen)
     loras = [_lora(n, k, 16, device, gen, scale=1.0) for n, k in ((i, h), (i, h), (h, i))]
@@ -515,6 +518,7 @@ def _fold_errors(h: int, i: int, rows: int, device, monkeypatch) -> dict:
     folded = _checkpointing_passes(x, in_bases, loras[:2], down, loras[2], "silu", upstream)
     with monkeypatch.context() as patch:
         patch.setattr(mlp, "_foldable", lambda bases, b_bd: False)
+        patch.setattr(mlp, "_input_grad_foldable", lambda a_all: False)
         unfolded = _checkpointing_passes(x, in_bases, loras[:2], down, loras[2], "silu", upstream)
     x64, loras64 = x.detach().double().requires_grad_(), [_lora64(lo) for lo in loras]
     exact = mlp.reference_mlp(x64, [_to64(b) for b in in_bases], loras64[:2], _to64(down), loras64[2], "silu")
@@ -527,15 +531,37 @@ def _fold_errors(h: int, i: int, rows: int, device, monkeypatch) -> dict:
 
 @pytest.mark.parametrize("shape", ["small", pytest.param("llama-8b", marks=pytest.mark.gpu)])
 def test_folded_gate_up_is_no_less_accurate(shape, device, monkeypatch):
-    """The bf16 checkpointing passes with gate | up's LoRA terms folded into the base GEMM against the same with them
-    added by a second GEMM: the output and every gradient are no further from the fp64 result (relative Frobenius
-    error) than unfolded, within 5%, and under 1%: the two round the same products to bf16, the folded one once
-    fewer; a misplaced or missing LoRA term would be off by far more. Shapes: small (H 128, I 320, 45 rows), and on
-    the GPU Llama-3.1-8B's MLP (H 4096, I 14336) over 1,792 rows (blocks of 1,152 and 640)."""
+    """The bf16 checkpointing passes with gate | up's LoRA terms (and down's, in dh) folded into the base GEMMs
+    against the same with them added by second GEMMs: the output and every gradient are no further from the fp64
+    result (relative Frobenius error) than unfolded, within 5%, and under 1%: the two round the same products to
+    bf16, the folded one once fewer; a misplaced or missing LoRA term would be off by far more. Shapes: small
+    (H 128, I 320, 45 rows), and on the GPU Llama-3.1-8B's MLP (H 4096, I 14336) over 1,792 rows (blocks of 1,152
+    and 640)."""
     h, i, rows = (128, 320, 45) if shape == "small" else (4096, 14336, 1792)
     for name, (error_f, error_u) in _fold_errors(h, i, rows, device, monkeypatch).items():
         print(f"{name}: relative error folded {error_f:.4g}, unfolded {error_u:.4g}")  # shown by pytest -rP
         assert error_f <= 1.05 * error_u and error_u < 1e-2, f"{name}: folded {error_f:.3g}, unfolded {error_u:.3g}"
+
+
+@pytest.mark.parametrize("dtype,k,width,offset", [
+    (torch.bfloat16, 12, 16, 0),   # 8-byte words
+    (torch.bfloat16, 6, 10, 0),    # 4-byte words (12 bytes per row)
+    (torch.bfloat16, 7, 9, 0),     # element by element (14 bytes per row)
+    (torch.float32, 4, 6, 0),      # 8-byte words
+    (torch.bfloat16, 12, 17, 1),   # rows and start off the word size: element by element
+    (torch.float16, 8, 8, 0),      # contiguous
+])
+def test_copy_into_rows_of_a_wider_matrix(dtype, k, width, offset, device):
+    """_copy_into (16-bit weights into the folded workspaces) writes exactly src into out's columns, in words where
+    sizes, strides and alignment allow, and nothing next to them."""
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(5, k, generator=gen).to(device, dtype)
+    buffer = torch.full((5, width + offset), 7.0, dtype=dtype, device=device)
+    out = buffer[:, offset:offset + k]
+    assert op._copy_into(out, src) is out
+    assert torch.equal(out, src)
+    rest = torch.cat([buffer[:, :offset], buffer[:, offset + k:]], dim=1)
+    assert torch.equal(rest, torch.full_like(rest, 7.0))
 
 
 def test_mlp_row_blocks():
