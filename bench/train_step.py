@@ -253,6 +253,12 @@ def main():
     parser.add_argument("--element-copy", action="store_true",
                         help="ablation (monkeypatch of this process): 16-bit weights are copied into the folded "
                              "workspace element by element (torch's copy_), as up to run 74, not as 8-byte words")
+    parser.add_argument("--unfolded-qkv-dx", action="store_true",
+                        help="ablation (monkeypatch of this process): q/k/v's backward makes dx with three base GEMMs "
+                             "and a rank-R one, as up to run 76, instead of one GEMM over [W_q; W_k; W_v; A]")
+    parser.add_argument("--copied-dx", action="store_true",
+                        help="ablation (monkeypatch of this process): each graphed layer's dx is copied out of the "
+                             "graphs' static buffer and back in by the next layer, as up to run 76")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
@@ -279,6 +285,12 @@ def main():
     if args.unfolded_down:
         from fastlm.kernels import lora_mlp
         lora_mlp._input_grad_foldable = lambda a_all: False
+    if args.unfolded_qkv_dx:
+        from fastlm.kernels import lora
+        lora._input_grad_foldable = lambda a_all: False  # lora_mlp keeps its own reference: down still folds
+    if args.copied_dx:
+        from fastlm.training import layer_graphs
+        layer_graphs.LayerGraph.follows = lambda self, x: False
     if args.element_copy:
         from fastlm.kernels import lora
         lora._COPY_WORDS = ()
@@ -304,6 +316,7 @@ def main():
                 if fast:
                     rows[-1].update(graph_capture=args.graph_capture, folded_gate_up=not args.unfolded_gate_up,
                                     folded_down=not args.unfolded_down, word_copy=not args.element_copy,
+                                    folded_qkv_dx=not args.unfolded_qkv_dx, static_dx=not args.copied_dx,
                                     fp32=args.fp32, **offloads)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))

@@ -33,6 +33,7 @@ Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, reuse_casts,
 live_workspaces.
 """
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -462,18 +463,22 @@ def _base_input_grad(d_all, bases, dtype, out=None, weights=None):
 
 
 def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b,
-                    base_grad=None, stacked=None):
+                    base_grad=None, stacked=None, d_wide=None):
     """(dAs, dBs, dx) of `_forward_group` from d_all (M, sum N_i), the gradient of its outputs side by side.
 
     One GEMM each for (dy B) (M, R), dA (R, K), dB (sum N_i, R; the blocks on its diagonal are the dB_i) and the
     LoRA term of dx; one per projection for its base (or base_grad(d_all), when given: the MLP's gate | up as one,
     lora_mlp._GateUp). stacked: a function returning _stacked_weight's [W_all; A_all], called when dx is needed:
-    dx is then one GEMM of [d_all | dy B] (the MLP's down projection, lora_mlp._DownGrad). LoRA gradients come in
-    A's/B's dtype (None where not needed); x_source() is called only when some dA is needed."""
+    dx is then one GEMM of [d_all | dy B] (the MLP's down projection, lora_mlp._DownGrad; q/k/v). d_wide: that
+    [d_all | dy B] (M, sum N_i + R) already made (d_all is then its first columns). LoRA gradients come in A's/B's
+    dtype (None where not needed); x_source() is called only when some dA is needed."""
     n = len(bases)
     dAs, dBs, dx = [None] * n, [None] * n, None
     with_lora = any(a is not None for a in As)
-    dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None      # (M, R): s_i dy_i B_i per column block
+    if d_wide is not None:
+        dyb = d_wide[:, d_all.shape[1]:]
+    else:  # (M, R): s_i dy_i B_i per column block
+        dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None
     if with_lora and any(need_a):
         # Inline, not kept in a local: x_source() may make x (the MLP's hidden state for down, (M, I)) just for
         # this product, and it must be freed before dx (as large) is allocated below (RESULTS run 17: +128 MiB
@@ -482,12 +487,24 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
     if with_lora and any(need_b):
         dBs = _split_db(d_all.T @ xa_all, As, Bs, scales, [base.shape[0] for base in bases], need_b)
     if need_dx and stacked is not None and dyb is not None:
-        dx = torch.cat((d_all, dyb), dim=1) @ stacked()
+        dx = (torch.cat((d_all, dyb), dim=1) if d_wide is None else d_wide) @ stacked()
     elif need_dx:
         dx = _base_input_grad(d_all, bases, dtype) if base_grad is None else base_grad(d_all)
         if dyb is not None:
             dx.addmm_(dyb, a_all)
     return dAs, dBs, dx
+
+
+def _per_block_dyb(dys, b_bd, As) -> list:
+    """[dy_i (s_i B_i)] (M, r_i) for the projections with a LoRA: the column blocks of [dy_0 | dy_1 | ...] b_bd,
+    one small GEMM each over that projection's diagonal block of the block-diagonal b_bd."""
+    out, row, col = [], 0, 0
+    for dy, a in zip(dys, As):
+        if a is not None:
+            out.append(dy @ b_bd[row:row + dy.shape[1], col:col + a.shape[0]])
+            col += a.shape[0]
+        row += dy.shape[1]
+    return out
 
 
 def _pairs(adapters, n):
@@ -519,11 +536,20 @@ class _ProjectionsFn(torch.autograd.Function):
         with torch.autocast(x2.device.type, enabled=False):
             dys2 = [dy.reshape(-1, dy.shape[-1]).to(ctx.dtype) for dy in dys]
             # Side by side (one copy of the q/k/v gradients): (dy B), dA, dB and dx's LoRA term are then one
-            # GEMM each for the group instead of one per projection.
+            # GEMM each for the group instead of one per projection. In 16-bit compute the copy also takes each
+            # dy_i (s_i B_i) (B is block diagonal: one small GEMM per projection) and dx is ONE GEMM of
+            # [dy_q | dy_k | dy_v | dy s B] [W_q; W_k; W_v; A_all] (_stacked_weight): at Llama-3.2-1B the three base
+            # GEMMs and the rank-48 one took 184 us of each layer's backward, two of them reading and writing all of
+            # dx again (bench/RESULTS.md run 75).
             d_all = dys2[0] if n == 1 else torch.cat(dys2, dim=1)
+            d_wide = stacked = None
+            if n > 1 and need[0] and _input_grad_foldable(a_all):
+                d_wide = torch.cat(dys2 + _per_block_dyb(dys2, b_bd, As), dim=1)
+                d_all = d_wide[:, :d_all.shape[1]]
+                stacked = functools.partial(_stacked_weight, ctx.bases, a_all, ctx.dtype, 0)  # workspace slot 0
             dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.bases, As, Bs, ctx.scales, ctx.dtype,
                                            need[0], [need[3 + 2 * i] for i in range(n)],
-                                           [need[4 + 2 * i] for i in range(n)])
+                                           [need[4 + 2 * i] for i in range(n)], stacked=stacked, d_wide=d_wide)
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
 

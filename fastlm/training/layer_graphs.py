@@ -22,9 +22,10 @@ only its own x A^T products to the pool.
 Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/sin, mask, position ids) and the
 flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
 on one stream); x and dy are views of one buffer per device and dtype shared by all signatures (_static_pair).
-Before a replay the inputs are copied in (a bound tensor only when it is not the one already there); after it the
-results are copied out (x's output, dx, one copy of the flat gradients whose slices become the parameters'
-gradients). Everything else a graph allocates lives in one private memory pool per device shared
+Before a replay the inputs are copied in (a bound tensor only when it is not the one already there, dy only when
+it is not already in grad); after it the results are copied out (x's output, dx, one copy of the flat gradients
+whose slices become the parameters' gradients), except dx for a layer fed directly by the graphed layer before it:
+that layer's backward, next, reads it from grad itself (LayerGraph.backward's static_dx). Everything else a graph allocates lives in one private memory pool per device shared
 by all graphs, reused from graph to graph; it is reserved, not allocated, memory for torch.cuda's statistics
 (bench/RESULTS.md reports both).
 
@@ -168,6 +169,7 @@ class _Statics:
         self.x, self.grad = x, grad
         self.bound = [torch.empty_like(t) for t in bound]
         self.sources = [None] * len(bound)  # (weakref, version) of the tensor each bound buffer holds
+        self.last_output = None  # weakref to the output the latest forward replay over these statics returned
 
     @torch.no_grad()  # a copy tracked by autograd into a view would give the shared buffer, and every view, a grad_fn
     def load(self, x: torch.Tensor, bound: list) -> None:
@@ -190,25 +192,45 @@ class LayerGraph:
         self.memo = {}
         self.generation = 0  # forward replays so far; a backward checks that its forward was the latest
 
+    def follows(self, x: torch.Tensor) -> bool:
+        """Whether x is the output of the latest forward replay over the same statics: the layer before this one ran
+        as a graph of the same signature and feeds this one directly (see backward's static_dx)."""
+        latest = self.statics.last_output
+        return latest is not None and latest() is x
+
     def forward(self, x: torch.Tensor, bound: list) -> torch.Tensor:
         """The layer's output for x (B, T, H), a fresh tensor. Call in no_grad (inside the autograd Function)."""
         self.statics.load(x, bound)
         self.forward_graph.replay()
         self.generation += 1
-        return self.statics.x.clone()
+        output = self.statics.x.clone()
+        self.statics.last_output = weakref.ref(output)
+        return output
 
-    def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor]):
-        """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient."""
+    def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor], static_dx: bool = False):
+        """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient.
+
+        static_dx: return statics.grad itself as dx instead of a copy. Only for a layer that `follows` the one before
+        it: that layer's backward (graphed or eager) is then the only reader of dx and runs next, before any replay
+        writes statics.grad again; replayed, it finds dy already in place and skips its copy in. Saves two 32 MiB
+        copies per layer at Llama-3.2-1B batch 4 (~33 us of ~4.8 ms: bench/RESULTS.md run 77)."""
         self.statics.load(x, bound)
         with torch.no_grad():
             if grad_output is None:
                 self.statics.grad.zero_()
-            else:
+            elif not _same_memory(grad_output, self.statics.grad):
                 self.statics.grad.copy_(grad_output)
         self.backward_graph.replay()
-        dx = self.statics.grad.clone() if self.has_dx else None
+        dx = None
+        if self.has_dx:
+            dx = self.statics.grad if static_dx else self.statics.grad.clone()
         flat = self.flat.clone() if self.flat is not None else None
         return dx, [None if slot is None else flat[slot[0]:slot[0] + slot[1]].view(slot[2]) for slot in self.slots]
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same elements of the same memory (a copy from one to the other would do nothing)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 class _LayerEntry:

@@ -200,6 +200,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.graph = None
         if plan is not None:                # a CUDA graph of this layer (fastlm/training/layer_graphs.py)
             ctx.graph, ctx.bound = plan
+            ctx.follows = ctx.graph.follows(x)  # dx may then stay in the graphs' static buffer (LayerGraph.backward)
             outputs = ctx.graph.forward(x, ctx.bound)
             ctx.generation = ctx.graph.generation
             ctx.rng = None                  # graphed layers draw no random numbers (no dropout)
@@ -222,7 +223,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         x = ctx.saved.take()
         if ctx.graph is not None and ctx.graph.generation == ctx.generation:
-            dx, param_grads = ctx.graph.backward(x, ctx.bound, grad_outputs[0])
+            dx, param_grads = ctx.graph.backward(x, ctx.bound, grad_outputs[0], static_dx=ctx.follows)
             ctx.run = ctx.other_args = ctx.graph = ctx.bound = None
             return (None, None, None, None, dx) + tuple(param_grads)
         args = (x.detach().requires_grad_(ctx.saved.requires_grad),) + tuple(
