@@ -17,7 +17,8 @@ fastlm.kernels.nf4 into a reused workspace) or LLM.int8 (`Int8Weight`, W = CB * 
 8-bit W is materialized twice per step (forward, backward) into one workspace per (dtype, device),
 sized for the largest weight: a projection holds one dequantized weight at a time (the MLP by blocks of rows
 holds its three, in workspace slots; there gate | up's weights are written beside their s B, so that one GEMM of
-[x | x A^T] makes their outputs with the LoRA terms: `_folded_weight`).
+[x | x A^T] makes their outputs with the LoRA terms: `_folded_weight`). In 16-bit compute the input gradients of
+q/k/v and of the MLP's down projection are likewise one GEMM each, of [dy | dy s B] and [W; A] (`_stacked_weight`).
 
 The gated MLP with its LoRAs, one node too, is in fastlm.kernels.lora_mlp; it uses this module's group helpers
 (`_lora_terms`, `_project`, `_backward_group`, ...), workspaces and memo.
