@@ -11,6 +11,7 @@ warm-up steps in which fastlm captures its CUDA graphs), loss at step 0 and at t
 import argparse
 import cProfile
 import gc
+import importlib
 import json
 import os
 import pstats
@@ -212,6 +213,34 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     return row
 
 
+
+def _patch(module_name: str, attribute: str, value) -> None:
+    """Set module_name's `attribute` (dotted: "Class.name" sets it on that class) to value."""
+    owner, *path = [importlib.import_module(module_name)] + attribute.split(".")
+    for part in path[:-1]:
+        owner = getattr(owner, part)
+    setattr(owner, path[-1], value)
+
+
+# --flag -> (what it brings back, the monkeypatch that does it): fastlm's earlier paths, for A/B runs in one call.
+ABLATIONS = {
+    "unfolded_gate_up": ("the MLP adds gate | up's LoRA terms with a second GEMM, as up to run 66, instead of folding "
+                         "them into the base GEMM",
+                         lambda: _patch("fastlm.kernels.lora_mlp", "_foldable", lambda bases, b_bd: False)),
+    "unfolded_down": ("the MLP's backward adds down's LoRA term to dh with a second GEMM, as up to run 74, instead of "
+                      "one GEMM of [dy | dy s B] [W; A]",
+                      lambda: _patch("fastlm.kernels.lora_mlp", "_input_grad_foldable", lambda a_all: False)),
+    "unfolded_qkv_dx": ("q/k/v's backward makes dx with three base GEMMs and a rank-R one, as up to run 76, instead "
+                        "of one GEMM over [W_q; W_k; W_v; A] (lora_mlp keeps its own reference: down still folds)",
+                        lambda: _patch("fastlm.kernels.lora", "_input_grad_foldable", lambda a_all: False)),
+    "element_copy": ("16-bit weights are copied into the folded workspace element by element (torch's copy_), as "
+                     "up to run 74, not as 8-byte words",
+                     lambda: _patch("fastlm.kernels.lora", "_COPY_WORDS", ())),
+    "copied_dx": ("each graphed layer's dx is copied out of the graphs' static buffer and back in by the next "
+                  "layer, as up to run 76",
+                  lambda: _patch("fastlm.training.layer_graphs", "LayerGraph.follows", lambda self, x: False)),
+}
+
 def main():
     parser = argparse.ArgumentParser()
     add_setting_arguments(parser)
@@ -244,21 +273,9 @@ def main():
     parser.add_argument("--fp32", action="store_true",
                         help="fastlm only: an fp32 model (dtype=torch.float32, 4-bit weights dequantized to fp32), no "
                              "autocast, TF32 off: the reference trajectory the bf16 runs' losses are compared with")
-    parser.add_argument("--unfolded-gate-up", action="store_true",
-                        help="ablation (monkeypatch of this process): the MLP adds gate | up's LoRA terms with "
-                             "a second GEMM, as up to run 66, instead of folding them into the base GEMM")
-    parser.add_argument("--unfolded-down", action="store_true",
-                        help="ablation (monkeypatch of this process): the MLP's backward adds down's LoRA term to dh "
-                             "with a second GEMM, as up to run 74, instead of one GEMM of [dy | dy s B] [W; A]")
-    parser.add_argument("--element-copy", action="store_true",
-                        help="ablation (monkeypatch of this process): 16-bit weights are copied into the folded "
-                             "workspace element by element (torch's copy_), as up to run 74, not as 8-byte words")
-    parser.add_argument("--unfolded-qkv-dx", action="store_true",
-                        help="ablation (monkeypatch of this process): q/k/v's backward makes dx with three base GEMMs "
-                             "and a rank-R one, as up to run 76, instead of one GEMM over [W_q; W_k; W_v; A]")
-    parser.add_argument("--copied-dx", action="store_true",
-                        help="ablation (monkeypatch of this process): each graphed layer's dx is copied out of the "
-                             "graphs' static buffer and back in by the next layer, as up to run 76")
+    for name, (help_text, _) in ABLATIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help="ablation (monkeypatch of this "
+                            "process): " + help_text)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
@@ -279,21 +296,9 @@ def main():
             causal_lm.LabelledCount = lambda *args, **kwargs: None
         else:
             cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
-    if args.unfolded_gate_up:
-        from fastlm.kernels import lora_mlp
-        lora_mlp._foldable = lambda bases, b_bd: False
-    if args.unfolded_down:
-        from fastlm.kernels import lora_mlp
-        lora_mlp._input_grad_foldable = lambda a_all: False
-    if args.unfolded_qkv_dx:
-        from fastlm.kernels import lora
-        lora._input_grad_foldable = lambda a_all: False  # lora_mlp keeps its own reference: down still folds
-    if args.copied_dx:
-        from fastlm.training import layer_graphs
-        layer_graphs.LayerGraph.follows = lambda self, x: False
-    if args.element_copy:
-        from fastlm.kernels import lora
-        lora._COPY_WORDS = ()
+    for name, (_, patch) in ABLATIONS.items():
+        if getattr(args, name):
+            patch()
     if args.graph_capture == "torch":
         from fastlm.training import layer_graphs
         layer_graphs._capturing = lambda cuda_graph, pool, stream: torch.cuda.graph(
@@ -314,9 +319,8 @@ def main():
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
-                    rows[-1].update(graph_capture=args.graph_capture, folded_gate_up=not args.unfolded_gate_up,
-                                    folded_down=not args.unfolded_down, word_copy=not args.element_copy,
-                                    folded_qkv_dx=not args.unfolded_qkv_dx, static_dx=not args.copied_dx,
+                    rows[-1].update(graph_capture=args.graph_capture,
+                                    ablations=[name for name in ABLATIONS if getattr(args, name)],
                                     fp32=args.fp32, **offloads)
             except Exception as exc:  # report and go on with the other variants
                 rows.append(dict(variant=variant, impl="fastlm" if fast else "hf+peft", error=repr(exc)[:400]))

@@ -398,7 +398,8 @@ def _stacked_weight(bases, a_all, dtype, slot: int) -> torch.Tensor:
     term inside the GEMM's fp32 sum and rounded once, instead of a second, rank-R GEMM that reads and writes all of
     dx: for the MLP's down projection at Llama-3.2-1B (dx: 8192 x 8192) that one took 22 us of every ~120 us row
     block on the H200 (bench/RESULTS.md run 75, a profile of the step). Only where the compute dtype is 16-bit
-    (_input_grad_foldable)."""
+    (_input_grad_foldable). The workspace is the largest such weight's: down's (H + r) x I, 32 MiB at Llama-3.2-1B
+    and 112 MiB at Llama-3.1-8B, which a 4-bit model's dequantization needs anyway and a 16-bit one adds."""
     n, k, r = sum(b.shape[0] for b in bases), bases[0].shape[1], a_all.shape[0]
     stacked = workspace((n + r) * k, dtype, a_all.device, slot).view(n + r, k)
     row = 0

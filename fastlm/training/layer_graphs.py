@@ -25,9 +25,9 @@ on one stream); x and dy are views of one buffer per device and dtype shared by 
 Before a replay the inputs are copied in (a bound tensor only when it is not the one already there, dy only when
 it is not already in grad); after it the results are copied out (x's output, dx, one copy of the flat gradients
 whose slices become the parameters' gradients), except dx for a layer fed directly by the graphed layer before it:
-that layer's backward, next, reads it from grad itself (LayerGraph.backward's static_dx). Everything else a graph allocates lives in one private memory pool per device shared
-by all graphs, reused from graph to graph; it is reserved, not allocated, memory for torch.cuda's statistics
-(bench/RESULTS.md reports both).
+that layer's backward, next, reads it from grad itself (LayerGraph.backward's static_dx). Everything else a graph
+allocates lives in one private memory pool per device shared by all graphs, reused from graph to graph; it is
+reserved, not allocated, memory for torch.cuda's statistics (bench/RESULTS.md reports both).
 
 When a layer is not graphed (it runs as before, eagerly):
   - the layer's first call (the warm-up of what is made lazily, once), and the first call of a signature whose
