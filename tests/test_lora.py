@@ -141,7 +141,7 @@ def test_4bit_gradients_unchanged_by_an_evaluation(tiny_checkpoint):
     eval mode; fastlm turns that off, so gradients after for_inference + for_training equal those before. Both are
     taken in training mode: a freshly loaded model is in eval mode, where transformers does not checkpoint and the
     batch keeps its length, while training on the GPU pads it to a length bucket (other GEMM shapes, so other bf16
-    roundings: bench/RESULTS.md runs 72 and 75)."""
+    roundings: bench/RESULTS.md runs 72 and 76)."""
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"))
     model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights="gaussian")
     FastLanguageModel.for_training(model)
