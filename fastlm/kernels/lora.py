@@ -34,7 +34,6 @@ Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, reuse_casts,
 live_workspaces.
 """
 import contextlib
-import functools
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -394,7 +393,7 @@ def _folded_weight(bases, b_bd, dtype, slot: int) -> torch.Tensor:
 def _stacked_weight(bases, a_all, dtype, slot: int) -> torch.Tensor:
     """[W_all; A_all] (sum N_i + R, K) in `dtype`, in workspace `slot`: the projections' weights stacked by rows
     (4-bit and 8-bit ones written straight there, 16-bit ones copied) and their stacked A (R, K) below. With it the
-    input gradient dx = d W_all + (d s B) A_all is ONE GEMM of [d | d b_bd] (_backward_group's `stacked`), the LoRA
+    input gradient dx = d W_all + (d s B) A_all is ONE GEMM of [d | d b_bd] (_backward_group's `input_grad`), the LoRA
     term inside the GEMM's fp32 sum and rounded once, instead of a second, rank-R GEMM that reads and writes all of
     dx: for the MLP's down projection at Llama-3.2-1B (dx: 8192 x 8192) that one took 22 us of every ~120 us row
     block on the H200 (bench/RESULTS.md run 75, a profile of the step). Only where the compute dtype is 16-bit
@@ -465,22 +464,19 @@ def _base_input_grad(d_all, bases, dtype, out=None, weights=None):
 
 
 def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales, dtype, need_dx, need_a, need_b,
-                    base_grad=None, stacked=None, d_wide=None):
+                    input_grad=None, dyb=None):
     """(dAs, dBs, dx) of `_forward_group` from d_all (M, sum N_i), the gradient of its outputs side by side.
 
     One GEMM each for (dy B) (M, R), dA (R, K), dB (sum N_i, R; the blocks on its diagonal are the dB_i) and the
-    LoRA term of dx; one per projection for its base (or base_grad(d_all), when given: the MLP's gate | up as one,
-    lora_mlp._GateUp). stacked: a function returning _stacked_weight's [W_all; A_all], called when dx is needed:
-    dx is then one GEMM of [d_all | dy B] (the MLP's down projection, lora_mlp._DownGrad; q/k/v). d_wide: that
-    [d_all | dy B] (M, sum N_i + R) already made (d_all is then its first columns). LoRA gradients come in A's/B's
-    dtype (None where not needed); x_source() is called only when some dA is needed."""
+    LoRA term of dx; one per projection for its base. input_grad: a function (d_all, dy B or None) -> dx that makes
+    dx instead (the MLP's gate | up as one GEMM, lora_mlp._GateUp; down's and q/k/v's with the LoRA term folded in,
+    _stacked_weight). dyb: dy B (M, R) already made (q/k/v write it beside their gradients). LoRA gradients come in
+    A's/B's dtype (None where not needed); x_source() is called only when some dA is needed."""
     n = len(bases)
     dAs, dBs, dx = [None] * n, [None] * n, None
     with_lora = any(a is not None for a in As)
-    if d_wide is not None:
-        dyb = d_wide[:, d_all.shape[1]:]
-    else:  # (M, R): s_i dy_i B_i per column block
-        dyb = d_all @ b_bd if with_lora and (need_dx or any(need_a)) else None
+    if dyb is None and with_lora and (need_dx or any(need_a)):
+        dyb = d_all @ b_bd                                  # (M, R): s_i dy_i B_i per column block
     if with_lora and any(need_a):
         # Inline, not kept in a local: x_source() may make x (the MLP's hidden state for down, (M, I)) just for
         # this product, and it must be freed before dx (as large) is allocated below (RESULTS run 17: +128 MiB
@@ -488,13 +484,15 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
         dAs = _split_da(dyb.T @ (x_source() if callable(x_source) else x_source), As, need_a)   # (R, K) stacked
     if with_lora and any(need_b):
         dBs = _split_db(d_all.T @ xa_all, As, Bs, scales, [base.shape[0] for base in bases], need_b)
-    if need_dx and stacked is not None and dyb is not None:
-        dx = (torch.cat((d_all, dyb), dim=1) if d_wide is None else d_wide) @ stacked()
-    elif need_dx:
-        dx = _base_input_grad(d_all, bases, dtype) if base_grad is None else base_grad(d_all)
-        if dyb is not None:
-            dx.addmm_(dyb, a_all)
+    if need_dx:
+        dx = input_grad(d_all, dyb) if input_grad is not None else \
+            _plus_lora_term(_base_input_grad(d_all, bases, dtype), dyb, a_all)
     return dAs, dBs, dx
+
+
+def _plus_lora_term(dx, dyb, a_all):
+    """dx += (dy s B) A_all, the LoRA part of an input gradient, added by a rank-R GEMM (dx itself when dyb is None)."""
+    return dx if dyb is None else dx.addmm_(dyb, a_all)
 
 
 def _per_block_dyb(dys, b_bd, As) -> list:
@@ -544,14 +542,16 @@ class _ProjectionsFn(torch.autograd.Function):
             # GEMMs and the rank-48 one took 184 us of each layer's backward, two of them reading and writing all of
             # dx again (bench/RESULTS.md run 75).
             d_all = dys2[0] if n == 1 else torch.cat(dys2, dim=1)
-            d_wide = stacked = None
+            dyb = input_grad = None
             if n > 1 and need[0] and _input_grad_foldable(a_all):
                 d_wide = torch.cat(dys2 + _per_block_dyb(dys2, b_bd, As), dim=1)
-                d_all = d_wide[:, :d_all.shape[1]]
-                stacked = functools.partial(_stacked_weight, ctx.bases, a_all, ctx.dtype, 0)  # workspace slot 0
+                d_all, dyb = d_wide[:, :d_all.shape[1]], d_wide[:, d_all.shape[1]:]
+
+                def input_grad(d_all, dyb):  # [d_all | dyb] is d_wide already; the stack in workspace slot 0
+                    return d_wide @ _stacked_weight(ctx.bases, a_all, ctx.dtype, slot=0)
             dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.bases, As, Bs, ctx.scales, ctx.dtype,
                                            need[0], [need[3 + 2 * i] for i in range(n)],
-                                           [need[4 + 2 * i] for i in range(n)], stacked=stacked, d_wide=d_wide)
+                                           [need[4 + 2 * i] for i in range(n)], input_grad=input_grad, dyb=dyb)
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
 

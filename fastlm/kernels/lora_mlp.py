@@ -31,8 +31,8 @@ from fastlm.kernels import geglu, swiglu
 from fastlm.kernels._utils import use_triton
 from fastlm.kernels.lora import (LoRA, _backward_group, _base_input_grad, _block_diagonal_b, _compute_dtype,
                                  _flat_adapters, _foldable, _folded_weight, _input_grad_foldable, _lora_input_product,
-                                 _lora_terms, _pairs, _project, _recomputing, _split_da, _split_db, _stacked_a,
-                                 _stacked_weight, reference_projection)
+                                 _lora_terms, _pairs, _plus_lora_term, _project, _recomputing, _split_da, _split_db,
+                                 _stacked_a, _stacked_weight, reference_projection)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -136,8 +136,7 @@ class _DownGrad:
     def __call__(self, dy_rows, dyb_rows):
         if self.stacked is not None:
             return torch.cat((dy_rows, dyb_rows), dim=1) @ self.stacked
-        dh = dy_rows @ self.weight
-        return dh if dyb_rows is None else dh.addmm_(dyb_rows, self.a_down)
+        return _plus_lora_term(dy_rows @ self.weight, dyb_rows, self.a_down)
 
 
 def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
@@ -185,9 +184,7 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
         if dyb_in is not None:
             torch.mm(y_in, b_bd, out=dyb_in[rows])
         if need_dx:
-            gate_up.input_grad(y_in, out=dx[rows])
-            if dyb_in is not None:
-                dx[rows].addmm_(dyb_in[rows], a_all)
+            _plus_lora_term(gate_up.input_grad(y_in, out=dx[rows]), None if dyb_in is None else dyb_in[rows], a_all)
     dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
     if dyb_in is not None and any(need_a[:n_in]):
         dAs[:n_in] = _split_da(dyb_in.T @ x2, As[:n_in], need_a[:n_in])
@@ -268,17 +265,17 @@ class _MLPFn(torch.autograd.Function):
             (dA_down,), (dB_down,), dh = _backward_group(
                 dy2, lambda: activation_forward(gate, up, ctx.activation), ha, a_down, b_down, [ctx.down_base],
                 As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:],
-                stacked=(lambda: _stacked_weight([ctx.down_base], a_down, dtype, slot=0))
-                if _input_grad_foldable(a_down) else None)  # as _DownGrad makes dh in the blocked backward
+                input_grad=lambda dy, dyb: _DownGrad(ctx.down_base, a_down, dtype)(dy, dyb))  # as blocked
             dAs, dBs, dx = [None] * n_in, [None] * n_in, None
             if need_dh:
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
                 del dh
                 d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
-                base_grad = _GateUp(ctx.in_bases, As[:n_in], b_bd, dtype, hold=False).input_grad if need[0] else None
-                dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in], Bs[:n_in],
-                                               scales[:n_in], dtype, need[0], need_a[:n_in], need_b[:n_in],
-                                               base_grad=base_grad)
+                gate_up = _GateUp(ctx.in_bases, As[:n_in], b_bd, dtype, hold=False) if need[0] else None
+                dAs, dBs, dx = _backward_group(
+                    d_all, x2, xa_all, a_all, b_bd, ctx.in_bases, As[:n_in], Bs[:n_in], scales[:n_in], dtype, need[0],
+                    need_a[:n_in], need_b[:n_in],
+                    input_grad=lambda d, dyb: _plus_lora_term(gate_up.input_grad(d), dyb, a_all))
         grads = [g for pair in zip(dAs + [dA_down], dBs + [dB_down]) for g in pair]
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, None, None, None, *grads)
