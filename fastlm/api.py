@@ -150,8 +150,7 @@ class FastLanguageModel:
             resize_model_vocab=resize_model_vocab, revision=revision,
             float32_mixed_precision=float32_mixed_precision, random_state=random_state,
             tiled_mlp=unsloth_tiled_mlp, offload_embedding=offload_embedding, offload_lm_head=offload_lm_head,
-            explicit=_explicit,
-            model_kwargs=kwargs)
+            explicit=_explicit, model_kwargs=kwargs)
 
     @staticmethod
     def get_peft_model(

@@ -170,7 +170,7 @@ def apply_fast_path(model, spec) -> dict:
     _patch_attention(decoder, spec, report)
     if model.get_output_embeddings() is not None:
         set_instance_forward(model, causal_lm_forward, signature_of=type(model).forward,
-                     final_softcap_key=spec.final_softcap_key)
+                             final_softcap_key=spec.final_softcap_key)
         report["loss"] = True
     else:
         report["skipped"].append("loss: no lm_head")
