@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_step import add_setting_arguments, import_fastlm_first, load, make_checkpoint  # noqa: E402
+from bench.train_step import (add_ablation_arguments, add_setting_arguments, apply_ablations,  # noqa: E402
+                              import_fastlm_first, load, make_checkpoint)
 
 # Kernel name fragments -> category, first match wins (lower-case). cuBLAS on Hopper names its GEMMs nvjet_* or
 # sm90_xmma_*; SDPA's flash backend is pytorch_flash::flash_*; Triton kernels keep their Python names.
@@ -177,9 +178,11 @@ def main():
     parser.add_argument("--variant", default="qlora")
     parser.add_argument("--impls", default="fastlm,hf")
     parser.add_argument("--timeline", action="store_true", help="also write one step's kernels in order")
+    add_ablation_arguments(parser)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     import_fastlm_first(args.impls.split(","))
+    ablations = apply_ablations(args)
     path = make_checkpoint(args.shape)
     results = []
     for impl in args.impls.split(","):
@@ -191,9 +194,10 @@ def main():
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops",
                                                                             "longest_gaps", "timeline")}), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
-                batch=args.batch, seq=args.seq)
+                batch=args.batch, seq=args.seq, ablations=ablations)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"profile_{args.shape}_{args.variant}.json"), "w") as f:
+    name = "_".join(["profile", args.shape, args.variant] + ablations)
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     for r in results:
         for k in r.get("top_kernels", [])[:15]:

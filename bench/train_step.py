@@ -236,10 +236,29 @@ ABLATIONS = {
     "element_copy": ("16-bit weights are copied into the folded workspace element by element (torch's copy_), as "
                      "up to run 74, not as 8-byte words",
                      lambda: _patch("fastlm.kernels.lora", "_COPY_WORDS", ())),
+    "recomputed_attention": ("the recomputation runs each layer's attention forward again, as up to run 80, instead "
+                             "of taking the output and log-sum-exp its forward saved (offloaded with the layer input)",
+                             lambda: _patch("fastlm.models.saved_attention", "ENABLED", False)),
     "copied_dx": ("each graphed layer's dx is copied out of the graphs' static buffer and back in by the next "
                   "layer, as up to run 76",
                   lambda: _patch("fastlm.training.layer_graphs", "LayerGraph.follows", lambda self, x: False)),
 }
+
+
+def add_ablation_arguments(parser) -> None:
+    """One --flag per ABLATIONS entry."""
+    for name, (help_text, _) in ABLATIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help="ablation (monkeypatch of this "
+                            "process): " + help_text)
+
+
+def apply_ablations(args) -> list:
+    """Apply the ablations whose flags are set; their names."""
+    chosen = [name for name in ABLATIONS if getattr(args, name)]
+    for name in chosen:
+        ABLATIONS[name][1]()
+    return chosen
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -273,9 +292,8 @@ def main():
     parser.add_argument("--fp32", action="store_true",
                         help="fastlm only: an fp32 model (dtype=torch.float32, 4-bit weights dequantized to fp32), no "
                              "autocast, TF32 off: the reference trajectory the bf16 runs' losses are compared with")
-    for name, (help_text, _) in ABLATIONS.items():
-        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help="ablation (monkeypatch of this "
-                            "process): " + help_text)
+    parser.add_argument("--copies-in-flight", type=int, help="offloaded checkpointing's MAX_COPIES_IN_FLIGHT")
+    add_ablation_arguments(parser)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
     os.makedirs(args.out, exist_ok=True)  # --cprofile writes there before the JSON does
@@ -283,6 +301,9 @@ def main():
     if args.mlp_block_log2 is not None:
         from fastlm.kernels import lora_mlp
         lora_mlp.MLP_ROW_BLOCK_ELEMENTS = 2 ** args.mlp_block_log2
+    if args.copies_in_flight is not None:
+        from fastlm.training import offload
+        offload.MAX_COPIES_IN_FLIGHT = args.copies_in_flight
     if args.buckets_per_octave is not None:
         from fastlm.training import length_buckets
         length_buckets.BUCKETS_PER_OCTAVE = args.buckets_per_octave
@@ -296,9 +317,7 @@ def main():
             causal_lm.LabelledCount = lambda *args, **kwargs: None
         else:
             cross_entropy._labelled_rows = lambda hidden, labels, *args: (hidden, labels)
-    for name, (_, patch) in ABLATIONS.items():
-        if getattr(args, name):
-            patch()
+    apply_ablations(args)
     if args.graph_capture == "torch":
         from fastlm.training import layer_graphs
         layer_graphs._capturing = lambda cuda_graph, pool, stream: torch.cuda.graph(

@@ -320,4 +320,4 @@ def test_gpu_host_waits_when_copies_fall_behind():
     assert finished >= len(inputs) - MAX_COPIES_IN_FLIGHT
     torch.cuda.synchronize()
     for entry, x in zip(entries, inputs):
-        torch.testing.assert_close(entry.host, x.cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(entry.host, [x.cpu()], rtol=0, atol=0)

@@ -31,7 +31,7 @@ activation rounded once) and is as accurate: tests/test_fused_lora.py (bf16 auto
 (bf16 weights, on the GPU) compare both with the fp32 result.
 
 Public: DenseWeight, NF4Weight, Int8Weight, LoRA, lora_projections, reuse_casts, reference_projection, workspace,
-live_workspaces.
+live_workspaces; for the checkpoint's memo: checkpoint_memo, call_index, take_saved, restore_saved.
 """
 import contextlib
 import threading
@@ -239,6 +239,39 @@ def _active_memo():
 
 def _recomputing() -> bool:
     return _active_memo()[1]
+
+
+# memo[SAVED_FOR_RECOMPUTATION]: tensors a layer's forward pass keeps for its recomputation, in the order made (the
+# attention's output and log-sum-exp: fastlm/models/saved_attention.py). The offloaded checkpoint takes them out of
+# the memo after the layer's forward (take_saved), keeps them with the layer's input (offloaded to host memory on a
+# GPU) and puts them back before the recomputation (restore_saved); the CUDA graphs copy them into static buffers.
+SAVED_FOR_RECOMPUTATION = "saved for the recomputation"
+
+
+def checkpoint_memo():
+    """(memo, recomputing) of the innermost reuse_casts block on this thread, or (None, False) outside any: the
+    layer's forward pass (recomputing False) or its recomputation under the offloaded checkpoint."""
+    memo, recomputing, _ = _active_memo()
+    return memo, recomputing
+
+
+def call_index(memo: dict, kind: str) -> int:
+    """How many calls of `kind` this pass (forward or recomputation: counted from zero in each reuse_casts block)
+    made before this one; pairs a recomputation's call with the forward pass's."""
+    occurrences = memo.setdefault(_OCCURRENCES, {})
+    index = occurrences.get(kind, 0)
+    occurrences[kind] = index + 1
+    return index
+
+
+def take_saved(memo: dict) -> list:
+    """The tensors the layer's forward pass saved for its recomputation, removed from the memo."""
+    return memo.pop(SAVED_FOR_RECOMPUTATION, [])
+
+
+def restore_saved(memo: dict, tensors: Sequence[torch.Tensor]) -> None:
+    """Give the recomputation the tensors take_saved returned (as they were, or copied back from host memory)."""
+    memo[SAVED_FOR_RECOMPUTATION] = list(tensors)
 
 
 def _memoized(key, sources, make):

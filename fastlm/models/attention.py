@@ -9,7 +9,9 @@ GemmaAttention, Gemma2/3Attention, Phi3Attention), which differ only in data:
     q, k    = RoPE(q, k, cos, sin)                          fastlm.kernels.rope, cos/sin as the model passes them
     k, v    = cache.update(k, v, layer_idx)                 KV cache (generation)
     o       = attention_interface(q, k, v, mask, scaling, dropout, sliding_window?, softcap?)
-              the function transformers itself picks from config._attn_implementation (eager / sdpa / flash...)
+              the function transformers itself picks from config._attn_implementation (eager / sdpa / flash...);
+              under offloaded checkpointing plain causal SDPA keeps its output for the layer's recomputation
+              instead (fastlm.models.saved_attention)
     return o_proj(o), attention weights
 
 Everything else (which projections exist, the scaling from head_dim or query_pre_attn_scalar, per-layer
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from fastlm.kernels.rope import apply_rope
+from fastlm.models.saved_attention import saved_attention
 
 # The attribute a fused-LoRA implementation sets on an attention module to take over the q/k/v projections:
 # a callable hidden_states (B, T, H) -> (q, k, v), each (B, T, heads * head_dim) (q: attention heads, k and v:
@@ -125,8 +128,12 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings=Non
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
     if fastlm_settings.attn_softcap_key is not None:
         extra["softcap"] = getattr(self.config, fastlm_settings.attn_softcap_key)
-    output, weights = attention_function(self, query, key, value, attention_mask,
-                                         dropout=self.attention_dropout if self.training else 0.0,
-                                         scaling=self.scaling, **extra, **kwargs)
+    dropout = self.attention_dropout if self.training else 0.0
+    weights = None
+    output = saved_attention(self, query, key, value, attention_mask, dropout, self.scaling, cache,
+                             {**extra, **kwargs})
+    if output is None:  # not plain causal attention under offloaded checkpointing: transformers' function
+        output, weights = attention_function(self, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=self.scaling, **extra, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()  # (B, T, nh*hd)
     return self.o_proj(output), weights

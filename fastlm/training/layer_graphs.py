@@ -14,7 +14,10 @@ autocast), the two computations offloaded checkpointing runs per layer:
                      torch.autograd.grad w.r.t. x (when x needs     trainable parameters' gradients into one
                      grad) and the layer's trainable parameters     flat buffer
 Both graphs of a layer share one `reuse_casts` memo, as the eager path does (LoRA casts and x A^T products made by
-the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly. The LoRA
+the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly. What the
+forward saves for the recomputation (the attention's output and log-sum-exp, fastlm/models/saved_attention.py) the
+forward graph copies into static buffers (LayerGraph.saved); they are copied out after its replay, offloaded with
+the layer input, and copied back in before the backward replay. The LoRA
 casts (stacked A, scaled block-diagonal B in the compute dtype) are the same for every signature: the forward graphs
 of all a layer's signatures make them into one set of tensors (reuse_casts' cast_storage), so a new signature adds
 only its own x A^T products to the pool.
@@ -58,7 +61,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastlm.kernels.lora import live_workspaces, reuse_casts
+from fastlm.kernels.lora import SAVED_FOR_RECOMPUTATION, live_workspaces, restore_saved, reuse_casts, take_saved
 from fastlm.training import length_buckets
 from fastlm.training.fused_lora import projection_state
 
@@ -185,8 +188,9 @@ class _Statics:
 class LayerGraph:
     """The forward and backward graphs of one layer for one signature, and how to replay them."""
 
-    def __init__(self, statics: _Statics, flat: Optional[torch.Tensor], slots: list, has_dx: bool):
+    def __init__(self, statics: _Statics, flat: Optional[torch.Tensor], slots: list, has_dx: bool, saved: list):
         self.statics, self.flat, self.slots, self.has_dx = statics, flat, slots, has_dx
+        self.saved = saved  # static views the forward graph writes the layer's saved tensors into (_saved_views)
         self.forward_graph = torch.cuda.CUDAGraph()
         self.backward_graph = torch.cuda.CUDAGraph()
         self.memo = {}
@@ -198,24 +202,33 @@ class LayerGraph:
         latest = self.statics.last_output
         return latest is not None and latest() is x
 
-    def forward(self, x: torch.Tensor, bound: list) -> torch.Tensor:
-        """The layer's output for x (B, T, H), a fresh tensor. Call in no_grad (inside the autograd Function)."""
+    def forward(self, x: torch.Tensor, bound: list):
+        """(the layer's output for x (B, T, H), [the tensors its forward saved for the recomputation]), fresh
+        tensors. Call in no_grad (inside the autograd Function)."""
         self.statics.load(x, bound)
         self.forward_graph.replay()
         self.generation += 1
         output = self.statics.x.clone()
         self.statics.last_output = weakref.ref(output)
-        return output
+        return output, [buffer.clone() for buffer in self.saved]
 
-    def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor], static_dx: bool = False):
+    def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor], static_dx: bool = False,
+                 saved=()):
         """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient.
+
+        saved: the tensors `forward` returned besides the output (from host memory), in its order.
 
         static_dx: return statics.grad itself as dx instead of a copy. Only for a layer that `follows` the one before
         it: that layer's backward (graphed or eager) is then the only reader of dx and runs next, before any replay
         writes statics.grad again; replayed, it finds dy already in place and skips its copy in. Saves two 32 MiB
         copies per layer at Llama-3.2-1B batch 4 (~33 us of ~4.8 ms: bench/RESULTS.md run 77)."""
         self.statics.load(x, bound)
+        if len(saved) != len(self.saved):
+            raise RuntimeError(f"a layer graph's backward got {len(saved)} saved tensors, its forward made "
+                               f"{len(self.saved)}")
         with torch.no_grad():
+            for buffer, tensor in zip(self.saved, saved):
+                buffer.copy_(tensor)
             if grad_output is None:
                 self.statics.grad.zero_()
             elif not _same_memory(grad_output, self.statics.grad):
@@ -266,6 +279,7 @@ class LayerGraphs:
         self._layers = weakref.WeakKeyDictionary()  # layer module -> _LayerEntry
         self._statics = {}   # signature of the arguments -> _Statics
         self._shared = {}    # (device, dtype) -> the static buffer x and grad of every signature are views of
+        self._shared_saved = {}  # (device, dtype) -> the static buffer of the saved tensors (_saved_views)
         self._flats = {}     # (device, dtype, total) -> flat gradient buffer
         self._pools = {}     # device -> graph memory pool handle
         self._streams = {}   # device -> capture stream
@@ -377,6 +391,27 @@ class LayerGraphs:
         n = x.numel()
         return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
 
+    def _saved_views(self, like: list) -> list:
+        """Static tensors shaped like `like` (the saved tensors of a layer's forward, fastlm.kernels.lora's
+        take_saved): consecutive views of one buffer per device and dtype shared by every layer graph, replaced by a
+        larger one (zeroed) when a graph needs more. Shared as x and grad are (_static_pair): every replay copies in
+        what it reads and a forward's saved tensors are copied out right after it."""
+        totals = {}
+        for tensor in like:
+            key = (tensor.device, tensor.dtype)
+            totals[key] = totals.get(key, 0) + tensor.numel()
+        for key, total in totals.items():
+            buffer = self._shared_saved.get(key)
+            if buffer is None or buffer.numel() < total:
+                self._shared_saved[key] = torch.zeros(total, dtype=key[1], device=key[0])
+        offsets, views = {}, []
+        for tensor in like:
+            key = (tensor.device, tensor.dtype)
+            start = offsets.get(key, 0)
+            views.append(self._shared_saved[key][start:start + tensor.numel()].view(tensor.shape))
+            offsets[key] = start + tensor.numel()
+        return views
+
     def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature, casts: dict) -> LayerGraph:
         statics = self._statics.get(signature)
         if statics is None:
@@ -406,6 +441,7 @@ class LayerGraphs:
                 y = run(statics.x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
                 raise NotGraphable("its output is not one tensor shaped like its input")
+            saved_like = [(t.shape, t.dtype, t.device) for t in memo.get(SAVED_FOR_RECOMPUTATION, [])]
             grads = _differentiate(run, statics, params, need_x, memo)
         current.wait_stream(stream)
         param_grads = grads[1:] if need_x else grads
@@ -422,7 +458,9 @@ class LayerGraphs:
             flat = self._flats.get(flat_key)
             if flat is None:
                 flat = self._flats[flat_key] = torch.empty(offset, dtype=present[0].dtype, device=device)
-        graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None)
+        saved = self._saved_views([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in
+                                   saved_like])
+        graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None, saved=saved)
         del y, grads, param_grads, present, memo
         if first:
             # Once, before the first capture: the device cache holds the eager warm-up step's working set and the
@@ -436,7 +474,13 @@ class LayerGraphs:
             with torch.no_grad(), reuse_casts(graph.memo, cast_storage=casts):
                 y = run(statics.x)
                 statics.x.copy_(y)
-            del y
+                made = take_saved(graph.memo)
+                if [(t.shape, t.dtype, t.device) for t in made] != saved_like:
+                    raise NotGraphable("the tensors its forward saves for the recomputation changed between runs")
+                for buffer, tensor in zip(saved, made):
+                    buffer.copy_(tensor)
+            del y, made  # their memory goes back to the pool: the layer's saved tensors live in `saved`
+        restore_saved(graph.memo, saved)  # the backward graph's recomputation reads them there
         with _capturing(graph.backward_graph, pool, stream):
             grads = _differentiate(run, statics, params, need_x, graph.memo)
             if graph.has_dx:

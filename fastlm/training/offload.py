@@ -23,6 +23,9 @@ What lives where, per checkpointed layer:
     throttle  before a copy starts, the host waits until at most MAX_COPIES_IN_FLIGHT earlier copies are
               unfinished: a host far ahead of the GPU (CUDA-graphed layers) would otherwise keep every pending
               input allocated.
+    saved     tensors the layer's forward pass keeps for its recomputation (the attention's output and log-sum-exp,
+              fastlm/models/saved_attention.py: 33 MiB per layer at 1B) travel with the input: offloaded once the
+              layer has run, kept on the GPU while latest, prefetched with it, handed back to the recomputation.
 On a CPU nothing moves: the input is kept as is (plain checkpointing by the same code, so CPU tests run it).
 
 Gradients: the layer's trainable parameters (LoRA A/B, modules_to_save copies) are inputs of the autograd
@@ -51,7 +54,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastlm.kernels.lora import reuse_casts
+from fastlm.kernels.lora import restore_saved, reuse_casts, take_saved
 from fastlm.training.layer_graphs import LayerGraphs, graphs_enabled
 
 logger = logging.getLogger("fastlm")
@@ -80,7 +83,9 @@ class _CopyThrottle:
 
 
 class _SavedInput:
-    """One layer input: a pinned host copy (CUDA) or the tensor itself (CPU); see the module docstring."""
+    """One layer input, and the tensors the layer's forward pass saved for its recomputation (fastlm.kernels.lora's
+    take_saved: the attention's output and log-sum-exp): pinned host copies (CUDA) or the tensors themselves (CPU);
+    see the module docstring. x first, the saved tensors after it (`add`)."""
 
     def __init__(self, x: torch.Tensor, stream: Optional["torch.cuda.Stream"], previous, synchronize: bool,
                  throttle: _CopyThrottle):
@@ -89,71 +94,85 @@ class _SavedInput:
         self.throttle = throttle
         self.previous = previous            # weakref to the entry saved just before this one, or None
         self.synchronize = synchronize
-        self.device_copy = None             # GPU tensor once prefetched, until taken
+        self.host = []                      # per tensor: its pinned host copy (CUDA) or itself (CPU)
+        self.device_copies = None           # the GPU tensors once prefetched, until taken
         self.fetched = None                 # CUDA event recorded after the copy back
-        self.kept = None                    # x itself while this is the latest entry (see release_kept)
+        self.kept = None                    # the tensors themselves while this is the latest entry (release_kept)
         self.done = False
-        if stream is None:
-            self.host = x.detach()
+        self.add([x])
+
+    def add(self, tensors) -> None:
+        """Keep these tensors too (on a GPU: start their copies to host memory once the compute stream has made
+        them). Before take() only."""
+        tensors = [t.detach() for t in tensors]
+        if self.stream is None or not tensors:
+            self.host += tensors
             return
-        self.kept = x.detach()
-        compute = torch.cuda.current_stream(x.device)
-        self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        throttle.wait_for_room()
-        stream.wait_stream(compute)         # x has been written by the previous layer on the compute stream
-        with torch.cuda.stream(stream):
-            self.host.copy_(x, non_blocking=True)
+        device = tensors[0].device
+        compute = torch.cuda.current_stream(device)
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        self.throttle.wait_for_room()
+        self.stream.wait_stream(compute)    # the tensors have been written on the compute stream
+        with torch.cuda.stream(self.stream):
+            for host, tensor in zip(hosts, tensors):
+                host.copy_(tensor, non_blocking=True)
             offloaded = torch.cuda.Event()
-            offloaded.record(stream)
-        throttle.add(offloaded)
-        x.record_stream(stream)             # x's memory is not reused until the copy above has finished
-        if synchronize:
-            torch.cuda.synchronize(x.device)
+            offloaded.record(self.stream)
+        self.throttle.add(offloaded)
+        for tensor in tensors:
+            tensor.record_stream(self.stream)  # its memory is not reused until the copy above has finished
+        self.host += hosts
+        self.kept = (self.kept or []) + tensors
+        if self.synchronize:
+            torch.cuda.synchronize(device)
 
     def release_kept(self) -> None:
-        """Drop the GPU input itself, once a later layer has saved its own (its pinned copy remains)."""
+        """Drop the GPU tensors themselves, once a later layer has saved its own (their pinned copies remain)."""
         self.kept = None
 
     def prefetch(self) -> None:
-        """Start copying the input back to the GPU on the side stream (no-op on CPU, when done or started, or while
-        the GPU input itself is kept)."""
-        if self.stream is None or self.done or self.device_copy is not None or self.kept is not None:
+        """Start copying the tensors back to the GPU on the side stream (no-op on CPU, when done or started, or
+        while the GPU tensors themselves are kept)."""
+        if self.stream is None or self.done or self.device_copies is not None or self.kept is not None:
             return
         device = self.stream.device
         compute = torch.cuda.current_stream(device)
         self.throttle.wait_for_room()
         with torch.cuda.device(device):
-            self.device_copy = torch.empty(self.host.shape, dtype=self.host.dtype, device=device)
-        self.stream.wait_stream(compute)    # the buffer's memory may still be read by queued compute kernels
+            self.device_copies = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in self.host]
+        self.stream.wait_stream(compute)    # the buffers' memory may still be read by queued compute kernels
         with torch.cuda.stream(self.stream):
-            self.device_copy.copy_(self.host, non_blocking=True)
+            for copy, host in zip(self.device_copies, self.host):
+                copy.copy_(host, non_blocking=True)
             self.fetched = torch.cuda.Event()
             self.fetched.record(self.stream)
         self.throttle.add(self.fetched)
-        self.device_copy.record_stream(self.stream)
+        for copy in self.device_copies:
+            copy.record_stream(self.stream)
         if self.synchronize:
             torch.cuda.synchronize(device)
 
-    def take(self) -> torch.Tensor:
-        """The input, usable on the current (compute) stream; starts the previous entry's prefetch. Once only."""
+    def take(self) -> list:
+        """[x, *saved tensors], usable on the current (compute) stream; starts the previous entry's prefetch. Once
+        only."""
         if self.done:
             raise RuntimeError("Backward ran twice through a layer checkpointed with use_gradient_checkpointing="
                                "\"unsloth\" (retain_graph=True?); its saved input is gone. Use "
                                "use_gradient_checkpointing=True for repeated backward passes.")
         if self.stream is None:
-            x = self.host
+            tensors = self.host
         else:
             self.prefetch()
             previous = self.previous() if self.previous is not None else None
             if previous is not None:
                 previous.prefetch()
-            if self.kept is not None:       # the last layer's input: still on the GPU, nothing to copy back
-                x = self.kept
+            if self.kept is not None:       # the last layer's: still on the GPU, nothing to copy back
+                tensors = self.kept
             else:
                 torch.cuda.current_stream(self.stream.device).wait_event(self.fetched)
-                x = self.device_copy
-        self.done, self.host, self.device_copy, self.previous, self.kept = True, None, None, None, None
-        return x
+                tensors = self.device_copies
+        self.done, self.host, self.device_copies, self.previous, self.kept = True, None, None, None, None
+        return tensors
 
 
 class _RngState:
@@ -201,7 +220,8 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         if plan is not None:                # a CUDA graph of this layer (fastlm/training/layer_graphs.py)
             ctx.graph, ctx.bound = plan
             ctx.follows = ctx.graph.follows(x)  # dx may then stay in the graphs' static buffer (LayerGraph.backward)
-            outputs = ctx.graph.forward(x, ctx.bound)
+            outputs, saved = ctx.graph.forward(x, ctx.bound)
+            ctx.saved.add(saved)
             ctx.generation = ctx.graph.generation
             ctx.rng = None                  # graphed layers draw no random numbers (no dropout)
             return outputs
@@ -209,6 +229,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         version = x._version
         with reuse_casts(ctx.casts):
             outputs = run(*args)
+        ctx.saved.add(take_saved(ctx.casts))
         if x._version != version:
             raise RuntimeError("The checkpointed layer modified its input in place; offloaded checkpointing "
                                "recomputes from the input as it was. Use use_gradient_checkpointing=True.")
@@ -221,9 +242,9 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        x = ctx.saved.take()
+        x, *saved = ctx.saved.take()
         if ctx.graph is not None and ctx.graph.generation == ctx.generation:
-            dx, param_grads = ctx.graph.backward(x, ctx.bound, grad_outputs[0], static_dx=ctx.follows)
+            dx, param_grads = ctx.graph.backward(x, ctx.bound, grad_outputs[0], static_dx=ctx.follows, saved=saved)
             ctx.run = ctx.other_args = ctx.graph = ctx.bound = None
             return (None, None, None, None, dx) + tuple(param_grads)
         args = (x.detach().requires_grad_(ctx.saved.requires_grad),) + tuple(
@@ -234,6 +255,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             stack.enter_context(torch.enable_grad())
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            restore_saved(ctx.casts, saved)
             stack.enter_context(reuse_casts(ctx.casts, recomputing=True))
             outputs = ctx.run(*args)
         # ctx.saved stays: a second backward gets take()'s clear error
