@@ -392,24 +392,22 @@ class LayerGraphs:
         return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
 
     def _saved_views(self, like: list) -> list:
-        """Static tensors shaped like `like` (the saved tensors of a layer's forward, fastlm.kernels.lora's
-        take_saved): consecutive views of one buffer per device and dtype shared by every layer graph, replaced by a
+        """Static tensors for `like`, [(shape, dtype, device)] of the saved tensors of a layer's forward
+        (fastlm.kernels.lora's take_saved): consecutive views of one buffer per device and dtype shared by every layer graph, replaced by a
         larger one (zeroed) when a graph needs more. Shared as x and grad are (_static_pair): every replay copies in
         what it reads and a forward's saved tensors are copied out right after it."""
         totals = {}
-        for tensor in like:
-            key = (tensor.device, tensor.dtype)
-            totals[key] = totals.get(key, 0) + tensor.numel()
+        for shape, dtype, device in like:
+            totals[(device, dtype)] = totals.get((device, dtype), 0) + shape.numel()
         for key, total in totals.items():
             buffer = self._shared_saved.get(key)
             if buffer is None or buffer.numel() < total:
                 self._shared_saved[key] = torch.zeros(total, dtype=key[1], device=key[0])
         offsets, views = {}, []
-        for tensor in like:
-            key = (tensor.device, tensor.dtype)
-            start = offsets.get(key, 0)
-            views.append(self._shared_saved[key][start:start + tensor.numel()].view(tensor.shape))
-            offsets[key] = start + tensor.numel()
+        for shape, dtype, device in like:
+            start = offsets.get((device, dtype), 0)
+            views.append(self._shared_saved[(device, dtype)][start:start + shape.numel()].view(shape))
+            offsets[(device, dtype)] = start + shape.numel()
         return views
 
     def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature, casts: dict) -> LayerGraph:
@@ -458,8 +456,7 @@ class LayerGraphs:
             flat = self._flats.get(flat_key)
             if flat is None:
                 flat = self._flats[flat_key] = torch.empty(offset, dtype=present[0].dtype, device=device)
-        saved = self._saved_views([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in
-                                   saved_like])
+        saved = self._saved_views(saved_like)
         graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None, saved=saved)
         del y, grads, param_grads, present, memo
         if first:

@@ -97,7 +97,7 @@ class _SavedInput:
         self.host = []                      # per tensor: its pinned host copy (CUDA) or itself (CPU)
         self.device_copies = None           # the GPU tensors once prefetched, until taken
         self.fetched = None                 # CUDA event recorded after the copy back
-        self.kept = None                    # the tensors themselves while this is the latest entry (release_kept)
+        self.kept = None if stream is None else []  # on a GPU, the tensors themselves while this is the latest entry
         self.done = False
         self.add([x])
 
@@ -122,7 +122,8 @@ class _SavedInput:
         for tensor in tensors:
             tensor.record_stream(self.stream)  # its memory is not reused until the copy above has finished
         self.host += hosts
-        self.kept = (self.kept or []) + tensors
+        if self.kept is not None:           # still the latest entry: these stay on the GPU too
+            self.kept += tensors
         if self.synchronize:
             torch.cuda.synchronize(device)
 
