@@ -158,6 +158,27 @@ def test_unsloth_checkpointing_reuses_attention(tiny_checkpoint, model_type, pre
     assert_same_loss_and_grads((loss, grads), recomputed[:2], CPU_RTOL, "recomputed attention vs no checkpointing")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 on the CPU (see above)")
+def test_recomputation_without_a_saved_output_computes_it(tiny_checkpoint, monkeypatch):
+    """A recomputation that finds nothing saved for its call (here: the switch turned on between forward and
+    backward; on a GPU: a graphed layer run twice before one backward) computes the attention itself, same result."""
+    monkeypatch.setenv(SWITCH, "1")
+    model = _lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.0, dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    batch = _unpadded_batch(model.device)
+    expected = _counted_step(model, False, batch)
+    set_gradient_checkpointing(model, "unsloth")
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(saved_attention, "ENABLED", False)
+    loss = model(**batch).loss
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+    with _CountAttentionForwards() as counter:
+        loss.backward()
+    assert counter.calls == len(model.get_base_model().model.layers)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_loss_and_grads(expected[:2], (loss.detach(), grads), CPU_RTOL, "nothing saved vs no checkpointing")
+
+
 def test_padded_batch_recomputes_attention(tiny_checkpoint, monkeypatch):
     from tests.test_offload_checkpointing import _batch
     monkeypatch.setenv(SWITCH, "1")
