@@ -25,11 +25,12 @@ made are gone since run 88). Net 1.4-2.3 ms per ~125 ms step in run 83, for 0.06
 Where: inside the offloaded checkpoint's memo, the config's attention implementation "sdpa", no attention mask
 (transformers then calls SDPA with is_causal: no padding, no sliding window within reach), no cache, no dropout, no
 softcap, q and k of one length > 1; on CUDA in bf16/fp16 where cuDNN's attention takes the shapes, on the CPU in
-fp32/bf16. Anything else runs as before, and so does a recomputation that finds nothing saved (a layer run twice
-before one backward: the memo then holds the later call's).
+fp32/bf16. Anything else runs as before; a recomputation that finds nothing saved (a layer run twice before one
+backward: the memo then holds the later call's) computes O and LSE itself, at the plain path's cost.
 
 Tensors: query (B, nh, T, hd), key and value (B, nkv, T, hd), nh a multiple of nkv (grouped-query attention); the
-output (B, T, nh, hd), kept as is (contiguous); LSE as the kernel returns it (fp32, (B, nh, T)).
+output (B, T, nh, hd), kept as is (contiguous); LSE as the kernel returns it (fp32: (B, nh, T) from the CPU's
+kernel, (B, nh, T, 1) from cuDNN's).
 """
 from typing import Optional
 
