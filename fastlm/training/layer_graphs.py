@@ -16,8 +16,8 @@ autocast), the two computations offloaded checkpointing runs per layer:
 Both graphs of a layer share one `reuse_casts` memo, as the eager path does (LoRA casts and x A^T products made by
 the forward graph are read by the backward graph), and the recomputation skips what it skips eagerly. What the
 forward saves for the recomputation (the attention's output and log-sum-exp, fastlm/models/saved_attention.py) the
-forward graph copies into static buffers, one set for even and one for odd layers (LayerGraph.saved,
-LayerGraphs._saved_views); the offloaded checkpoint copies them to host memory from there and back into them. The LoRA
+forward graph copies into static buffers (LayerGraph.saved); they are copied out after its replay, offloaded with
+the layer input, and copied back in before the backward replay. The LoRA
 casts (stacked A, scaled block-diagonal B in the compute dtype) are the same for every signature: the forward graphs
 of all a layer's signatures make them into one set of tensors (reuse_casts' cast_storage), so a new signature adds
 only its own x A^T products to the pool.
@@ -188,11 +188,9 @@ class _Statics:
 class LayerGraph:
     """The forward and backward graphs of one layer for one signature, and how to replay them."""
 
-    def __init__(self, statics: _Statics, flat: Optional[torch.Tensor], slots: list, has_dx: bool, saved: list,
-                 saved_release: "_Release"):
+    def __init__(self, statics: _Statics, flat: Optional[torch.Tensor], slots: list, has_dx: bool, saved: list):
         self.statics, self.flat, self.slots, self.has_dx = statics, flat, slots, has_dx
         self.saved = saved  # static views the forward graph writes the layer's saved tensors into (_saved_views)
-        self.saved_release = saved_release  # when the host copy of the last forward's saved tensors over them ends
         self.forward_graph = torch.cuda.CUDAGraph()
         self.backward_graph = torch.cuda.CUDAGraph()
         self.memo = {}
@@ -205,30 +203,20 @@ class LayerGraph:
         return latest is not None and latest() is x
 
     def forward(self, x: torch.Tensor, bound: list):
-        """(the layer's output for x (B, T, H), a fresh tensor; [the tensors its forward saved for the
-        recomputation]: the static views themselves, valid until the forward graph of the layer after next (same
-        parity, see _saved_views) replays; the caller copies them out and reports the copy with `saved_copied`).
-        Call in no_grad (inside the autograd Function)."""
+        """(the layer's output for x (B, T, H), [the tensors its forward saved for the recomputation]), fresh
+        tensors. Call in no_grad (inside the autograd Function)."""
         self.statics.load(x, bound)
-        if self.saved and self.saved_release.event is not None:  # the host copy of the last writer's tensors
-            torch.cuda.current_stream(x.device).wait_event(self.saved_release.event)
         self.forward_graph.replay()
         self.generation += 1
         output = self.statics.x.clone()
         self.statics.last_output = weakref.ref(output)
-        return output, list(self.saved)
-
-    def saved_copied(self, event: "torch.cuda.Event") -> None:
-        """The saved tensors `forward` returned are copied out once `event` (recorded on the copying stream) has
-        completed: the next forward replay over the same static buffers waits for it."""
-        self.saved_release.event = event
+        return output, [buffer.clone() for buffer in self.saved]
 
     def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor], static_dx: bool = False,
                  saved=()):
         """(dx or None, [gradient or None per trainable parameter]) for the layer's input x and output gradient.
 
-        saved: the tensors `forward` returned besides the output, in its order: the static views themselves (copied
-        back into them from host memory, or never overwritten) or tensors elsewhere, copied in.
+        saved: the tensors `forward` returned besides the output (from host memory), in its order.
 
         static_dx: return statics.grad itself as dx instead of a copy. Only for a layer that `follows` the one before
         it: that layer's backward (graphed or eager) is then the only reader of dx and runs next, before any replay
@@ -240,8 +228,7 @@ class LayerGraph:
                                f"{len(self.saved)}")
         with torch.no_grad():
             for buffer, tensor in zip(self.saved, saved):
-                if not _same_memory(tensor, buffer):
-                    buffer.copy_(tensor)
+                buffer.copy_(tensor)
             if grad_output is None:
                 self.statics.grad.zero_()
             elif not _same_memory(grad_output, self.statics.grad):
@@ -259,20 +246,12 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-class _Release:
-    """The CUDA event after which one set of static saved-tensor buffers may be written again (None: any time)."""
-
-    def __init__(self):
-        self.event = None
-
-
 class _LayerEntry:
     def __init__(self):
         self.graphs = {}     # signature -> LayerGraph
         self.seen = set()    # signatures run eagerly once, not captured yet (empty with no graph: never called)
         self.casts = {}      # the LoRA casts all its graphs write and read (reuse_casts' cast_storage)
         self.refused = None  # why this layer is never graphed, once known
-        self.parity = 0      # which of the two sets of static buffers for saved tensors its graphs use
 
     def eager_first(self, key, length: Optional[int]) -> Optional[str]:
         """Why this call, of a signature not captured yet, runs eagerly; None: capture it now.
@@ -300,9 +279,7 @@ class LayerGraphs:
         self._layers = weakref.WeakKeyDictionary()  # layer module -> _LayerEntry
         self._statics = {}   # signature of the arguments -> _Statics
         self._shared = {}    # (device, dtype) -> the static buffer x and grad of every signature are views of
-        self._shared_saved = {}  # (device, dtype, parity) -> a static buffer of saved tensors (_saved_views)
-        self._saved_releases = {}  # (device, parity) -> _Release of those buffers
-        self._next_parity = 0
+        self._shared_saved = {}  # (device, dtype) -> the static buffer of the saved tensors (_saved_views)
         self._flats = {}     # (device, dtype, total) -> flat gradient buffer
         self._pools = {}     # device -> graph memory pool handle
         self._streams = {}   # device -> capture stream
@@ -347,7 +324,6 @@ class LayerGraphs:
         entry = self._layers.get(layer)
         if entry is None:
             entry = self._layers[layer] = _LayerEntry()
-            entry.parity, self._next_parity = self._next_parity, 1 - self._next_parity  # consecutive layers differ
         if entry.refused is not None:
             return self._eager(entry.refused)
         if _outputs_recorded(layer):
@@ -376,7 +352,7 @@ class LayerGraphs:
             return self._refuse(entry, layer, reason)
         try:
             with _fresh_leaves(layer, params) as leaves, _autocast_cache_off():
-                graph = self._capture(function, x, bound, leaves, signature, entry.casts, entry.parity)
+                graph = self._capture(function, x, bound, leaves, signature, entry.casts)
         except NotGraphable as why:
             return self._refuse(entry, layer, str(why))
         except RuntimeError as error:
@@ -415,35 +391,26 @@ class LayerGraphs:
         n = x.numel()
         return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
 
-    def _saved_views(self, like: list, parity: int) -> list:
+    def _saved_views(self, like: list) -> list:
         """Static tensors for `like`, [(shape, dtype, device)] of the saved tensors of a layer's forward
-        (fastlm.kernels.lora's take_saved): consecutive views of one buffer per device, dtype and parity, replaced by
-        a larger one (zeroed) when a graph needs more.
-
-        Two sets, used by alternate layers (_LayerEntry.parity): the forward graph writes a layer's saved tensors
-        into its set, the offloaded checkpoint copies them to host memory from there while the next layer (the other
-        set) runs, and the layer after next waits for that copy before its replay (LayerGraph.saved_release). In
-        backward the checkpoint copies them back into the same views ahead of the layer's replay, while the layer
-        after it (the other set) runs. So no copy between the views and other device memory is made either way
-        (against a clone out and a copy in per tensor and layer, ~37 us per layer at Llama-3.2-1B batch 4:
-        bench/RESULTS.md runs 82, 88)."""
+        (fastlm.kernels.lora's take_saved): consecutive views of one buffer per device and dtype shared by every layer graph, replaced by a
+        larger one (zeroed) when a graph needs more. Shared as x and grad are (_static_pair): every replay copies in
+        what it reads and a forward's saved tensors are copied out right after it."""
         totals = {}
         for shape, dtype, device in like:
-            totals[(device, dtype, parity)] = totals.get((device, dtype, parity), 0) + shape.numel()
+            totals[(device, dtype)] = totals.get((device, dtype), 0) + shape.numel()
         for key, total in totals.items():
             buffer = self._shared_saved.get(key)
             if buffer is None or buffer.numel() < total:
                 self._shared_saved[key] = torch.zeros(total, dtype=key[1], device=key[0])
         offsets, views = {}, []
         for shape, dtype, device in like:
-            key = (device, dtype, parity)
-            start = offsets.get(key, 0)
-            views.append(self._shared_saved[key][start:start + shape.numel()].view(shape))
-            offsets[key] = start + shape.numel()
+            start = offsets.get((device, dtype), 0)
+            views.append(self._shared_saved[(device, dtype)][start:start + shape.numel()].view(shape))
+            offsets[(device, dtype)] = start + shape.numel()
         return views
 
-    def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature, casts: dict,
-                 parity: int) -> LayerGraph:
+    def _capture(self, function, x: torch.Tensor, bound: list, params: list, signature, casts: dict) -> LayerGraph:
         statics = self._statics.get(signature)
         if statics is None:
             statics = self._statics[signature] = _Statics(*self._static_pair(x), bound)
@@ -489,10 +456,8 @@ class LayerGraphs:
             flat = self._flats.get(flat_key)
             if flat is None:
                 flat = self._flats[flat_key] = torch.empty(offset, dtype=present[0].dtype, device=device)
-        saved = self._saved_views(saved_like, parity)
-        release = self._saved_releases.setdefault((device, parity), _Release())
-        graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None, saved=saved,
-                           saved_release=release)
+        saved = self._saved_views(saved_like)
+        graph = LayerGraph(statics, flat, slots, has_dx=need_x and grads[0] is not None, saved=saved)
         del y, grads, param_grads, present, memo
         if first:
             # Once, before the first capture: the device cache holds the eager warm-up step's working set and the

@@ -95,22 +95,19 @@ class _SavedInput:
         self.previous = previous            # weakref to the entry saved just before this one, or None
         self.synchronize = synchronize
         self.host = []                      # per tensor: its pinned host copy (CUDA) or itself (CPU)
-        self.homes = []                     # per tensor: where prefetch copies it back (None: a new tensor)
         self.device_copies = None           # the GPU tensors once prefetched, until taken
         self.fetched = None                 # CUDA event recorded after the copy back
         self.kept = None if stream is None else []  # on a GPU, the tensors themselves while this is the latest entry
         self.done = False
         self.add([x])
 
-    def add(self, tensors, homes=None) -> Optional["torch.cuda.Event"]:
+    def add(self, tensors) -> None:
         """Keep these tensors too (on a GPU: start their copies to host memory once the compute stream has made
-        them; returns the event recorded after those copies). homes: per tensor, the GPU tensor to copy it back
-        into (a CUDA graph's static buffer, reused meanwhile: LayerGraph.saved), or None. Before take() only."""
+        them). Before take() only."""
         tensors = [t.detach() for t in tensors]
         if self.stream is None or not tensors:
             self.host += tensors
-            self.homes += [None] * len(tensors)
-            return None
+            return
         device = tensors[0].device
         compute = torch.cuda.current_stream(device)
         hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
@@ -125,12 +122,10 @@ class _SavedInput:
         for tensor in tensors:
             tensor.record_stream(self.stream)  # its memory is not reused until the copy above has finished
         self.host += hosts
-        self.homes += list(homes) if homes is not None else [None] * len(tensors)
         if self.kept is not None:           # still the latest entry: these stay on the GPU too
             self.kept += tensors
         if self.synchronize:
             torch.cuda.synchronize(device)
-        return offloaded
 
     def release_kept(self) -> None:
         """Drop the GPU tensors themselves, once a later layer has saved its own (their pinned copies remain)."""
@@ -145,8 +140,7 @@ class _SavedInput:
         compute = torch.cuda.current_stream(device)
         self.throttle.wait_for_room()
         with torch.cuda.device(device):
-            self.device_copies = [home if home is not None else torch.empty(h.shape, dtype=h.dtype, device=device)
-                                  for h, home in zip(self.host, self.homes)]
+            self.device_copies = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in self.host]
         self.stream.wait_stream(compute)    # the buffers' memory may still be read by queued compute kernels
         with torch.cuda.stream(self.stream):
             for copy, host in zip(self.device_copies, self.host):
@@ -178,8 +172,7 @@ class _SavedInput:
             else:
                 torch.cuda.current_stream(self.stream.device).wait_event(self.fetched)
                 tensors = self.device_copies
-        self.done, self.host, self.homes, self.device_copies, self.previous, self.kept = (True, None, None, None,
-                                                                                          None, None)
+        self.done, self.host, self.device_copies, self.previous, self.kept = True, None, None, None, None
         return tensors
 
 
@@ -229,8 +222,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             ctx.graph, ctx.bound = plan
             ctx.follows = ctx.graph.follows(x)  # dx may then stay in the graphs' static buffer (LayerGraph.backward)
             outputs, saved = ctx.graph.forward(x, ctx.bound)
-            if saved:                       # static views: copied back into them for the backward replay
-                ctx.graph.saved_copied(ctx.saved.add(saved, homes=saved))
+            ctx.saved.add(saved)
             ctx.generation = ctx.graph.generation
             ctx.rng = None                  # graphed layers draw no random numbers (no dropout)
             return outputs
