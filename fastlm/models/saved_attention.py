@@ -18,9 +18,9 @@ forward's), and that kernel's backward.
 
 Cost and gain (bench/RESULTS.md runs 81-83, Llama-3.2-1B batch 4 x 2048): the recomputation's cuDNN forward is
 ~190 us of a layer's ~4.6 ms backward; O (32 MiB) and LSE (1 MiB) cost two more copies each way over PCIe
-(overlapped, though the backward's GEMMs ran ~66 us per layer slower beside them) and, under the CUDA graphs, their
-copy into static buffers inside the forward graph (~20 us per layer; the clone out and copy in that runs 81-83 also
-made are gone since run 88). Net 1.4-2.3 ms per ~125 ms step in run 83, for 0.06 GiB of peak memory.
+(overlapped, though the backward's GEMMs ran ~66 us per layer slower beside them) and, under the CUDA graphs, ~45
+us of device copies per layer in forward (into the static buffers inside the graph, and out after its replay) and
+~20 us in backward (back in). Net 1.4-2.3 ms per ~125 ms step in run 83, for 0.06 GiB of peak memory.
 
 Where: inside the offloaded checkpoint's memo, the config's attention implementation "sdpa", no attention mask
 (transformers then calls SDPA with is_causal: no padding, no sliding window within reach), no cache, no dropout, no
