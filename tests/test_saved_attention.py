@@ -213,3 +213,25 @@ def test_gpu_graphed_layers_reuse_attention(tiny_checkpoint, model_type, monkeyp
     assert reused[0][2] == 0 and recomputed[0][2] > 0
     for step, (mine, theirs) in enumerate(zip(reused, recomputed)):
         assert_same_loss_and_grads(theirs[:2], mine[:2], GPU_BF16_RTOL, f"step {step}: reused vs recomputed")
+
+
+@pytest.mark.gpu
+def test_gpu_two_forwards_before_one_backward(tiny_checkpoint, monkeypatch):
+    """Two calls before one backward under the CUDA graphs: the second call's forward replays over the first's, so
+    the first call's layers recompute eagerly with nothing saved in their memo (see saved_attention's fallback);
+    loss and gradients equal those of a model whose recomputation always runs the attention again."""
+    def two_calls(enabled: bool):
+        monkeypatch.setattr(saved_attention, "ENABLED", enabled)
+        model = _lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.0, dtype=torch.bfloat16)
+        model.config._attn_implementation = "sdpa"
+        set_gradient_checkpointing(model, "unsloth")
+        model.train()
+        first, second = _unpadded_batch(model.device, seq=256, seed=5), _unpadded_batch(model.device, seq=256, seed=6)
+        for _ in range(3):  # the first call of each layer runs eagerly, the second captures, the third replays
+            model.zero_grad(set_to_none=True)
+            loss = model(**first).loss + 0.5 * model(**second).loss
+            loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    assert_same_loss_and_grads(two_calls(False), two_calls(True), GPU_BF16_RTOL, "two forwards, one backward")
