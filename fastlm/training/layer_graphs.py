@@ -393,9 +393,10 @@ class LayerGraphs:
 
     def _saved_views(self, like: list) -> list:
         """Static tensors for `like`, [(shape, dtype, device)] of the saved tensors of a layer's forward
-        (fastlm.kernels.lora's take_saved): consecutive views of one buffer per device and dtype shared by every layer graph, replaced by a
-        larger one (zeroed) when a graph needs more. Shared as x and grad are (_static_pair): every replay copies in
-        what it reads and a forward's saved tensors are copied out right after it."""
+        (fastlm.kernels.lora's take_saved): consecutive views of one buffer per device and dtype shared by every
+        layer graph, replaced by a larger one (zeroed) when a graph needs more. Shared as x and grad are
+        (_static_pair): every replay copies in what it reads and a forward's saved tensors are copied out right after
+        it."""
         totals = {}
         for shape, dtype, device in like:
             totals[(device, dtype)] = totals.get((device, dtype), 0) + shape.numel()

@@ -65,7 +65,8 @@ def split_targets(model, target_modules, spec):
     """
     if isinstance(target_modules, str):
         if target_modules != "all-linear":
-            raise ValueError(f"target_modules must be a list of module names or \"all-linear\", got {target_modules!r}.")
+            raise ValueError(f"target_modules must be a list of module names or \"all-linear\", "
+                             f"got {target_modules!r}.")
         return "all-linear", []
     if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
         raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}.")
