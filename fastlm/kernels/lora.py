@@ -255,9 +255,9 @@ def checkpoint_memo():
     return memo, recomputing
 
 
-def call_index(memo: dict, kind: str) -> int:
-    """How many calls of `kind` this pass (forward or recomputation: counted from zero in each reuse_casts block)
-    made before this one; pairs a recomputation's call with the forward pass's."""
+def call_index(memo: dict, kind) -> int:
+    """How many calls of `kind` (any hashable) this pass (forward or recomputation: counted from zero in each
+    reuse_casts block) made before this one; pairs a recomputation's call with the forward pass's."""
     occurrences = memo.setdefault(_OCCURRENCES, {})
     index = occurrences.get(kind, 0)
     occurrences[kind] = index + 1
@@ -316,9 +316,7 @@ def _lora_input_product(x_source, a_all, As, m: int, made=None):
     if memo is None:
         return make()
     group = tuple(id(a) for a in As)
-    occurrences = memo.setdefault(_OCCURRENCES, {})
-    key = ("xa", group, occurrences.get(group, 0))
-    occurrences[group] = key[2] + 1
+    key = ("xa", group, call_index(memo, group))
     hit = memo.get(key)
     if recomputing and hit is not None and all(a is b for a, b in zip(hit[0], As)) and hit[1].shape[0] == m:
         return hit[1]
