@@ -11,7 +11,7 @@ if [ -n "${TESTS:-}" ]; then
   tar czf $OUT/results.tgz -C $RES .
 fi
 i=0
-for entry in $RUNS; do
+for entry in ${RUNS:-}; do
   IFS=: read shape variant batch extra envs <<< "$entry"
   extra=${extra//,/ }; envs=${envs//,/ }
   if [ "${extra%% *}" = hf ]; then args="--impls hf ${extra#hf}"; else args="--impls fastlm $extra"; fi

@@ -131,11 +131,12 @@ def test_packed_without_restarting_positions_differs(llama):
         assert model(**packed).loss.item() != pytest.approx(reference.item(), rel=1e-3)
 
 
-def _data_parallel_step(checkpoint, out_dir, *flags):
-    """(loss, grads) of one step on 2 CPU data-parallel ranks (tests/fixtures/dp_step.py via torch.distributed.run;
-    gloo, CUDA hidden so that it runs the same on a GPU machine)."""
+def _data_parallel_step(checkpoint, out_dir, *flags, gpus: bool = False):
+    """(loss, grads) of one step on 2 data-parallel ranks (tests/fixtures/dp_step.py via torch.distributed.run): on
+    the CPU (gloo, CUDA hidden so that it runs the same on a GPU machine), or with gpus=True one GPU per rank
+    (NCCL)."""
     worker = os.path.join(os.path.dirname(__file__), "fixtures", "dp_step.py")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""}))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            worker, checkpoint, str(out_dir), *flags], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -154,6 +155,15 @@ def test_data_parallel_ranks_count_tokens_together(llama, tmp_path, reference_st
     name = next(iter(grads))
     assert not torch.allclose(grads[name], reference_step[1][name], rtol=1e-3,
                               atol=1e-3 * reference_step[1][name].abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across GPUs needs 2")
+def test_gpu_data_parallel_across_gpus(llama, tmp_path, reference_step):
+    """The Trainer's data parallelism as a multi-GPU user runs it: 2 ranks of one GPU each (from_pretrained's default
+    placement follows LOCAL_RANK), NCCL between them; the step equals one process's batch 8 on GPU 0, where the
+    reference step ran (fp32: relative 1e-5, as the CPU ranks above)."""
+    _assert_same(reference_step, _data_parallel_step(llama, tmp_path / "nccl", gpus=True))
 
 
 @pytest.mark.gpu
