@@ -191,3 +191,23 @@ def test_fp16_mixed_precision_on_gpu(llama, tmp_path, reference_step):
     assert loss == pytest.approx(reference_step[0], rel=1e-2)
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved and all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_nan_loss_is_logged_not_hidden(llama, tmp_path):
+    """A NaN loss reaches the logs, where fastlm's run checks it (finetune: "the loss became NaN/inf"). The
+    Trainer's default logging_nan_inf_filter=True would log the running mean of the finite losses instead (0.0 when
+    every step is NaN), and its per-step isnan check waits for the GPU after every backward (run 93: 20 ms of a
+    148 ms 1B step on the H200); training_arguments turns it off. Fails with the filter on: the logged losses are
+    then 0.0."""
+    model, tokenizer = FastLanguageModel.from_pretrained(llama, load_in_16bit=True, max_seq_length=64,
+                                                         dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    args = training_arguments(str(tmp_path / "nan"), batch_size=4, learning_rate=1e-3, max_steps=2, optim="sgd")
+    assert args.logging_nan_inf_filter is False
+    trainer = build_trainer(model, tokenizer, _examples(model.config.vocab_size), Collator(tokenizer.pad_token_id),
+                            args)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(loss != loss for loss in losses), losses

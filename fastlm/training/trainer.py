@@ -55,7 +55,11 @@ def training_arguments(output_dir: str, *, batch_size: int = 8, gradient_accumul
     """TrainingArguments for fastlm's training: checkpoints in output_dir (the caller passes
     <run dir>/checkpoints), Trainer-side gradient checkpointing left off (from_pretrained / get_peft_model set it on
     the model), columns kept (the collator needs input_ids and labels only), the Trainer's own printing off
-    (fastlm's ProgressCallback shows the progress)."""
+    (fastlm's ProgressCallback shows the progress), and NaN/inf losses logged as they are
+    (logging_nan_inf_filter=False): the filter would log the mean of the finite losses instead, hiding a diverged
+    run from fastlm's check, and its isnan test on every step's loss waits for the GPU after each backward, leaving
+    it idle while the host runs the optimizer step and the next step's preparation (bench/RESULTS.md run 93: 147.9
+    against 127.7 ms per 1B LoRA step on the H200)."""
     steps = {"max_steps": max_steps} if max_steps else {"num_train_epochs": epochs or 1.0}
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size,
@@ -64,7 +68,7 @@ def training_arguments(output_dir: str, *, batch_size: int = 8, gradient_accumul
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=save_total_limit,
         logging_strategy="steps", logging_steps=logging_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         report_to=report_to, optim=optim, remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), logging_nan_inf_filter=False,
         disable_tqdm=True, dataloader_num_workers=0, **{"average_tokens_across_devices": True, **extra},
         **_cpu_settings(extra), **(precision or {}), **steps)
 
