@@ -10,6 +10,7 @@ the state_dict stay as they were, so PEFT (LoRA, modules_to_save), saving and lo
     mlp        gate/up/down as they are (PEFT LoRA layers included), act(gate) * up fused (SwiGLU / GeGLU)
     attention  fastlm.models.attention.attention_forward: RoPE kernel + transformers' attention function
     loss       fastlm.models.causal_lm.causal_lm_forward: fused linear cross-entropy when labels are given
+    decoder    fastlm.models.causal_lm.decoder_forward: training batches run at their length bucket
 """
 import functools
 import inspect
@@ -18,7 +19,7 @@ import os
 import types
 
 from fastlm.models.attention import attention_forward, missing_parts, settings_for
-from fastlm.models.causal_lm import causal_lm_forward
+from fastlm.models.causal_lm import causal_lm_forward, decoder_forward
 from fastlm.models.layers import (activation_of, layer_norm_forward, mlp_forward, norm_matches,
                                   rms_norm_forward)
 
@@ -168,6 +169,7 @@ def apply_fast_path(model, spec) -> dict:
     _patch_norms(decoder, spec, report)
     _patch_mlps(decoder, spec, report)
     _patch_attention(decoder, spec, report)
+    set_instance_forward(decoder, decoder_forward, signature_of=type(decoder).forward)
     if model.get_output_embeddings() is not None:
         set_instance_forward(model, causal_lm_forward, signature_of=type(model).forward,
                              final_softcap_key=spec.final_softcap_key)

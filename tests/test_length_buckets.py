@@ -52,13 +52,13 @@ def _fast_model(tiny_checkpoint, model_type, monkeypatch):
 
 
 def _decoder_lengths(model) -> list:
-    """A list that records the sequence length of every batch the decoder (the base model under the LM head) gets."""
+    """A list that records the sequence length the decoder's layers ran at, per call of the decoder (the base model
+    under the LM head): the length of what its final norm gets (B, T, H), once per forward."""
     seen = []
 
-    def record(module, args, kwargs):
-        main = kwargs.get("input_ids")
-        seen.append((main if main is not None else kwargs["inputs_embeds"]).shape[1])
-    model.get_base_model().model.register_forward_pre_hook(record, with_kwargs=True)
+    def record(module, args):
+        seen.append(args[0].shape[1])
+    model.get_base_model().model.norm.register_forward_pre_hook(record)
     return seen
 
 
@@ -191,3 +191,30 @@ def test_graphed_layers_take_buckets_on_gpu(precision, tiny_checkpoint, monkeypa
         for name, want in exact_grads.items():
             ours, theirs = (grads[name] - want).norm(), (plain_grads[name] - want).norm()
             assert ours <= 2 * theirs + 1e-2 * want.norm(), name
+
+
+def test_decoder_called_directly(tiny_checkpoint, monkeypatch):
+    """A caller that runs the decoder itself and computes its own loss from the hidden states (TRL's fused LM head
+    does: model.base_model(...)) gets the buckets too: the layers run at 64, the hidden states come back at 37 with
+    the values, and the gradients, of the batch as given."""
+    model = _fast_model(tiny_checkpoint, "qwen3", monkeypatch)
+    lengths = _decoder_lengths(model)
+    batch = _batch("padded")
+    labels = batch.pop("labels").to(model.device)
+    decoder = model.get_base_model().model
+
+    def run(setting):
+        monkeypatch.setenv(length_buckets.SWITCH, setting)
+        model.zero_grad(set_to_none=True)
+        hidden = decoder(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).last_hidden_state
+        logits = model.get_base_model().lm_head(hidden[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss.backward()
+        return hidden, loss, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_hidden, plain_loss, plain_grads = run("0")
+    padded_hidden, padded_loss, padded_grads = run("1")
+    assert lengths == [37, 64]
+    assert padded_hidden.shape == plain_hidden.shape == (2, 37, model.config.hidden_size)
+    torch.testing.assert_close(padded_hidden, plain_hidden, rtol=RTOL, atol=1e-6)
+    assert_same_loss_and_grads((plain_loss, plain_grads), (padded_loss, padded_grads), RTOL, "padded vs as given")

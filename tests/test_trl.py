@@ -73,3 +73,36 @@ def test_sft_trainer_fp16_on_gpu(tiny_checkpoint, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_sft_trainer_layers_run_at_length_buckets(tiny_checkpoint, tmp_path, monkeypatch):
+    """SFTTrainer (TRL 1.x) computes its loss with its own fused LM head from `model.base_model(...)`, not through
+    fastlm's causal-LM forward; the decoder's own forward (fastlm.models.causal_lm.decoder_forward) still runs the
+    layers at length buckets (FASTLM_LENGTH_BUCKETS=1: on a GPU with graphed layers "auto" does it), and the losses
+    equal the run without buckets (fp32: relative 1e-5, the padding only changes GEMM row counts)."""
+    from fastlm.training import length_buckets
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "1")
+    if not torch.cuda.is_available():  # the kernels' PyTorch references (tests/kernels test the kernels): faster
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def train(setting):
+        monkeypatch.setenv(length_buckets.SWITCH, setting)
+        model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                             max_seq_length=64, dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+        lengths = []
+        model.get_base_model().model.norm.register_forward_pre_hook(lambda module, args: lengths.append(
+            args[0].shape[1]))
+        args = trl.SFTConfig(output_dir=str(tmp_path / setting), per_device_train_batch_size=2, max_steps=3,
+                             learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+                             max_length=64, disable_tqdm=True, bf16=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("text"), processing_class=tokenizer)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], lengths
+
+    plain_losses, plain_lengths = train("0")
+    losses, lengths = train("1")
+    assert len(lengths) == 3 and all(n == 64 for n in lengths), lengths
+    assert all(n < 64 for n in plain_lengths), plain_lengths
+    assert losses == pytest.approx(plain_losses, rel=1e-5)

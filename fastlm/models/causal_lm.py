@@ -13,8 +13,11 @@ modules_to_save (a ModulesToSaveWrapper) contributes its active trained copy's w
 cannot reproduce transformers (an lm_head that is not a plain Linear, e.g. LoRA on lm_head; a custom
 `loss_function`; logits_to_keep together with labels) the class forward runs instead.
 
-In training under fastlm's CUDA-graphed checkpointing the decoder may see the batch lengthened to a length bucket
-(fastlm/training/length_buckets.py); the loss and every returned tensor are those of the batch as given.
+`decoder_forward` is bound as the forward of the decoder instance under it (e.g. LlamaModel): in training under
+fastlm's CUDA-graphed checkpointing it runs the layers on the batch lengthened to a length bucket
+(fastlm/training/length_buckets.py) and returns the hidden states of the batch as given. Being the decoder's own
+forward, it serves every caller: this loss, the class forward (logits), and callers that run the decoder
+themselves, such as TRL's fused LM head (SFTTrainer since TRL 1.x computes the loss from `model.base_model(...)`).
 """
 import functools
 import inspect
@@ -108,14 +111,9 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    padded_to = length_buckets.padded_length(self, arguments, extra)
-    decoder_arguments = arguments if padded_to is None else length_buckets.pad_batch(arguments, padded_to)
-    outputs = getattr(self, self.base_model_prefix)(**decoder_arguments, **extra)
-    hidden = outputs[0]  # (B, T, H), or (B, T', H) when the batch was padded to a length bucket
+    outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+    hidden = outputs[0]  # (B, T, H)
     hidden_states, attentions = getattr(outputs, "hidden_states", None), getattr(outputs, "attentions", None)
-    if padded_to is not None:
-        hidden, hidden_states, attentions = length_buckets.cut_outputs(
-            hidden, hidden_states, attentions, length_buckets.batch_length(arguments))
     weight, bias = linear.weight, linear.bias
     if hidden.dtype != weight.dtype:  # an fp32-trained lm_head sees fp32 inputs (fastlm's upcast hook does this)
         hidden = hidden.to(weight.dtype)
@@ -130,3 +128,30 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=hidden_states, attentions=attentions,
                                     **{cache_name: getattr(outputs, _cache_field(type(outputs)), None)})
     return result if return_dict else result.to_tuple()
+
+
+def decoder_forward(self, *args, **kwargs):
+    """The decoder's forward (e.g. LlamaModel.forward; same arguments and outputs) with training batches run at their
+    length bucket: when length_buckets.padded_length says so, the layers run on the batch lengthened to T' as
+    length_buckets.pad_batch does, and the returned last_hidden_state (B, T, H), hidden_states and attentions are
+    cut back to the batch's T (length_buckets.cut_outputs); any other call is the class's forward as it is."""
+    class_forward = type(self).forward
+    if not (self.training and torch.is_grad_enabled()):  # generation and evaluation: nothing to bind or check
+        return class_forward(self, *args, **kwargs)
+    signature, var_keyword = _signature(type(self))
+    arguments = dict(signature.bind(self, *args, **kwargs).arguments)
+    arguments.pop("self", None)
+    extra = dict(arguments.pop(var_keyword, {})) if var_keyword else {}
+    padded_to = length_buckets.padded_length(self, arguments, extra)
+    if padded_to is None:
+        return class_forward(self, *args, **kwargs)
+    outputs = class_forward(self, **length_buckets.pad_batch(arguments, padded_to), **extra)
+    hidden, hidden_states, attentions = length_buckets.cut_outputs(
+        outputs.last_hidden_state, getattr(outputs, "hidden_states", None), getattr(outputs, "attentions", None),
+        length_buckets.batch_length(arguments))
+    outputs.last_hidden_state = hidden
+    if hidden_states is not None:
+        outputs.hidden_states = hidden_states
+    if attentions is not None:
+        outputs.attentions = attentions
+    return outputs

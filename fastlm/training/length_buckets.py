@@ -5,14 +5,15 @@ example (fastlm's Collator, transformers' and TRL's collators) have a new length
 call with an unseen shape runs eagerly, which is host-bound: 230 ms against 132 ms per step at Llama-3.2-1B QLoRA
 batch 4 (bench/RESULTS.md run 24). Rounding the length up to a bucket keeps the shapes few.
 
-What the causal-LM forward with the fused loss (fastlm/models/causal_lm.py) does with a batch of length T whose
-bucket is T' > T, before the decoder runs:
+What the decoder's forward (fastlm/models/causal_lm.py's decoder_forward, bound on the decoder instance under the
+LM head) does with a batch of length T whose bucket is T' > T, before the layers run:
     input_ids (B, T)          -> (B, T'): each row's last token repeated
     inputs_embeds (B, T, H)   -> (B, T', H): zeros
     attention_mask (B, T)     -> (B, T'): ones
     position_ids (B, T)       -> (B, T'): each row's last position + 1, + 2, ...
-and use_cache=False; after it the hidden states are cut back to T before the loss (labels are never touched), as
-are returned hidden states and attention weights. Exact: the added positions come after every real one, and causal
+and use_cache=False; after them the hidden states are cut back to T before anything reads them (the loss, the
+lm_head, a caller's own loss such as TRL's fused LM head; labels are never touched), as are returned hidden states
+and attention weights. Exact: the added positions come after every real one, and causal
 attention never lets a position see a later one, so no real position's output changes; their own outputs are
 dropped, so their gradients are zero. Ones (not zeros) in the mask keep a batch without padding a batch without padding
 (transformers then calls attention with is_causal instead of a mask); continuing positions keep unpacked
@@ -29,9 +30,9 @@ The padding is computed (up to 25% more decoder work on a batch just past a buck
 
 When: FASTLM_LENGTH_BUCKETS = "auto" (default: when the model's decoder layers run under fastlm's offloaded
 checkpointing with CUDA graphs and can be graphed (no dropout), in training, with grad, on CUDA), "1" (whenever
-the fused loss runs with grad: also useful to bound the shapes torch.compile sees), "0" (never). The batch is left
+the decoder trains with grad: also useful to bound the shapes torch.compile sees), "0" (never). The batch is left
 as it is when the forward gets a tensor argument the padding does not know (a cache, cache_position, a 4-D mask,
-flash-attention varlen tensors...).
+flash-attention varlen tensors...) or asks for a tuple (return_dict=False).
 """
 import math
 import os
@@ -65,29 +66,29 @@ def bucket_length(length: int) -> int:
     return -(-length // step) * step
 
 
-def _uses_layer_graphs(model) -> bool:
+def _uses_layer_graphs(decoder) -> bool:
     """True when the model's decoder layers are checkpointed by fastlm's OffloadedCheckpoint with CUDA graphs on and
     can be graphed (LayerGraphs.would_graph): not after a failed capture or a refused layer, not with dropout in
     the decoder (never graphed; padding would only cost time, and change which random numbers the dropout masks
     take)."""
     from fastlm.training.checkpointing import checkpointing_module
     from fastlm.training.offload import OffloadedCheckpoint
-    decoder, checkpoint = checkpointing_module(model)
+    module, checkpoint = checkpointing_module(decoder)
     return (isinstance(checkpoint, OffloadedCheckpoint) and checkpoint.graphs is not None
-            and checkpoint.graphs.would_graph(decoder))
+            and checkpoint.graphs.would_graph(module))
 
 
-def padded_length(model, arguments: dict, extra: dict) -> Optional[int]:
+def padded_length(decoder, arguments: dict, extra: dict) -> Optional[int]:
     """The length to pad this forward's batch to, or None to leave it as it is.
 
     Args:
-        model: the *ForCausalLM instance whose forward runs.
-        arguments: the forward's named arguments that go to the decoder (labels and logits_to_keep taken out).
-        extra: its **kwargs (num_items_in_batch and shift_labels are for the loss; any other tensor, e.g. a
-            flash-attention varlen `cu_seq_lens_q`, leaves the batch as it is).
+        decoder: the decoder instance (e.g. LlamaModel) whose forward runs.
+        arguments: the forward's named arguments.
+        extra: its **kwargs (num_items_in_batch and shift_labels, passed on for a loss, are ignored; any other
+            tensor, e.g. a flash-attention varlen `cu_seq_lens_q`, leaves the batch as it is).
     """
     mode = setting()
-    if mode == "0" or not torch.is_grad_enabled() or not model.training:
+    if mode == "0" or not torch.is_grad_enabled() or not decoder.training or extra.get("return_dict") is False:
         return None
     tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
     if any(name not in PADDABLE for name in tensors):
@@ -103,7 +104,7 @@ def padded_length(model, arguments: dict, extra: dict) -> Optional[int]:
     mask = tensors.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         return None
-    if mode == "auto" and not (main.is_cuda and _uses_layer_graphs(model)):
+    if mode == "auto" and not (main.is_cuda and _uses_layer_graphs(decoder)):
         return None
     length = main.shape[1]
     target = bucket_length(length)

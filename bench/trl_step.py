@@ -1,0 +1,96 @@
+"""fastlm under TRL's SFTTrainer with batches of varying length, with and without length buckets, in one call.
+
+    python3 bench/trl_step.py --out $OUT [--shape 1b] [--variant lora16] [--batch 4] [--lengths 1024,2048]
+        [--steps 20]
+
+SFTTrainer (TRL 1.x) computes the loss with its own fused LM head from `model.base_model(...)`, so the length
+buckets act in the decoder's forward (fastlm.models.causal_lm.decoder_forward). Rows of random token ids of
+lengths drawn from --lengths (pre-tokenized: TRL skips tokenizing), padded per batch by TRL's collator to the
+batch's longest row, so nearly every step has a new length. Two runs of the same model and data:
+FASTLM_LENGTH_BUCKETS=auto (the default: on a GPU with graphed layers, lengths rounded up to 4 buckets per doubling)
+and =0 (each new length runs eagerly once, is captured at its second call, and past 24 shapes a layer runs eagerly:
+what TRL users had before the decoder took the buckets). Reports the mean step time over the last half of the steps
+and over all, tokens/s, and the ratio.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.train_step import import_fastlm_first, load, make_checkpoint  # noqa: E402
+from bench.trainer_step import step_starts  # noqa: E402
+
+
+def dataset(rows: int, lengths: tuple, vocab: int):
+    """`rows` rows of random token ids, each of a length drawn from lengths (seeded), as a datasets.Dataset (given
+    a fingerprint: datasets' own pickles the Arrow table, which fails on the H200 image, see tests/test_trl.py)."""
+    import datasets
+    import pyarrow
+    from datasets.table import InMemoryTable
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (rows,), generator=g).tolist()
+    table = pyarrow.Table.from_pylist([{"input_ids": torch.randint(3, vocab, (n,), generator=g).tolist()}
+                                       for n in sizes])
+    return datasets.Dataset(InMemoryTable(table), fingerprint=f"fastlm-trl-step-{rows}-{lengths[0]}-{lengths[1]}")
+
+
+def run(setting: str, args, path: str) -> dict:
+    import trl
+    from transformers import AutoTokenizer
+
+    os.environ["FASTLM_LENGTH_BUCKETS"] = setting
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = load(args.variant, path, fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    total = 3 + args.steps
+    config = trl.SFTConfig(output_dir=os.path.join(args.out, "trl"), per_device_train_batch_size=args.batch,
+                           max_steps=total, learning_rate=1e-4, bf16=True, logging_steps=1, report_to="none",
+                           save_strategy="no", max_length=args.lengths[1], disable_tqdm=True, seed=0,
+                           logging_nan_inf_filter=False, dataloader_num_workers=0)
+    starts = step_starts()
+    trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=[starts],
+                             train_dataset=dataset(args.batch * total, args.lengths, model.config.vocab_size))
+    trainer.train()
+    times = [b - a for a, b in zip(starts.times, starts.times[1:])]
+    half = times[len(times) // 2:]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    row = dict(length_buckets=setting, variant=args.variant, batch=args.batch, lengths=list(args.lengths),
+               steps=total, mean_ms_all=round(1000 * sum(times) / len(times), 1),
+               mean_ms_last_half=round(1000 * sum(half) / len(half), 1), step_ms=[round(1000 * t, 1) for t in times],
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
+    del trainer, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--variant", default="lora16")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lengths", default="1024,2048")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    args.lengths = tuple(int(n) for n in args.lengths.split(","))
+    import_fastlm_first(["fastlm"])
+    path = make_checkpoint(args.shape)
+    rows = [run(setting, args, path) for setting in ("auto", "0")]
+    rows[0]["speed_vs_no_buckets_last_half"] = round(rows[1]["mean_ms_last_half"] / rows[0]["mean_ms_last_half"], 3)
+    rows[0]["speed_vs_no_buckets_all"] = round(rows[1]["mean_ms_all"] / rows[0]["mean_ms_all"], 3)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"trl_step_{args.shape}_{args.variant}.json"), "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    print(json.dumps(rows[0]))
+
+
+if __name__ == "__main__":
+    main()
