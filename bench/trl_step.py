@@ -10,11 +10,13 @@ batch's longest row, so nearly every step has a new length. Two runs of the same
 FASTLM_LENGTH_BUCKETS=auto (the default: on a GPU with graphed layers, lengths rounded up to 4 buckets per doubling)
 and =0 (each new length runs eagerly once, is captured at its second call, and past 24 shapes a layer runs eagerly:
 what TRL users had before the decoder took the buckets). Reports the mean step time over the last half of the steps
-and over all, tokens/s, and the ratio.
+and over all, and the ratio. Each run is a process of its own (--setting): Triton and TRL compile kernels per new
+shape, and a second run in the same process would find the first's compiled.
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -53,7 +55,7 @@ def run(setting: str, args, path: str) -> dict:
                            max_steps=total, learning_rate=1e-4, bf16=True, logging_steps=1, report_to="none",
                            save_strategy="no", max_length=args.lengths[1], disable_tqdm=True, seed=0,
                            logging_nan_inf_filter=False, dataloader_num_workers=0)
-    starts = step_starts()
+    starts = step_starts((3, total - 1) if args.profile else ())
     trainer = trl.SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=[starts],
                              train_dataset=dataset(args.batch * total, args.lengths, model.config.vocab_size))
     trainer.train()
@@ -65,7 +67,12 @@ def run(setting: str, args, path: str) -> dict:
                mean_ms_last_half=round(1000 * sum(half) / len(half), 1), step_ms=[round(1000 * t, 1) for t in times],
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
-    print(json.dumps({k: v for k, v in row.items() if k != "step_ms"}), flush=True)
+    print(json.dumps(row), flush=True)
+    if args.profile:  # host time by function over the profiled steps (bench/trainer_step.profile_summary)
+        from bench.trainer_step import profile_summary
+        summary = profile_summary(starts, total - 4)
+        print(json.dumps({k: v for k, v in summary.items() if k != "host_cprofile"}), flush=True)
+        print(summary["host_cprofile"][:9000], flush=True)
     del trainer, model
     torch.cuda.empty_cache()
     return row
@@ -79,17 +86,30 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--setting", help="run this FASTLM_LENGTH_BUCKETS setting here (one process per setting)")
+    parser.add_argument("--profile", action="store_true", help="with --setting: profile steps 3 to the last but one")
     args = parser.parse_args()
+    lengths = args.lengths
     args.lengths = tuple(int(n) for n in args.lengths.split(","))
-    import_fastlm_first(["fastlm"])
-    path = make_checkpoint(args.shape)
-    rows = [run(setting, args, path) for setting in ("auto", "0")]
+    if args.setting is not None:
+        import_fastlm_first(["fastlm"])
+        return run(args.setting, args, make_checkpoint(args.shape))
+    rows = []
+    for setting in ("auto", "0"):
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--setting", setting, "--out", args.out,
+                               "--shape", args.shape, "--variant", args.variant, "--batch", str(args.batch),
+                               "--lengths", lengths, "--steps", str(args.steps)], capture_output=True, text=True)
+        found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"length_buckets"')]
+        if done.returncode != 0 or not found:
+            raise RuntimeError(f"the {setting} run failed:\n{done.stderr[-3000:]}")
+        rows.append(found[-1])
     rows[0]["speed_vs_no_buckets_last_half"] = round(rows[1]["mean_ms_last_half"] / rows[0]["mean_ms_last_half"], 3)
     rows[0]["speed_vs_no_buckets_all"] = round(rows[1]["mean_ms_all"] / rows[0]["mean_ms_all"], 3)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"trl_step_{args.shape}_{args.variant}.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
-    print(json.dumps(rows[0]))
+    for row in rows:
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -218,3 +218,20 @@ def test_decoder_called_directly(tiny_checkpoint, monkeypatch):
     assert padded_hidden.shape == plain_hidden.shape == (2, 37, model.config.hidden_size)
     torch.testing.assert_close(padded_hidden, plain_hidden, rtol=RTOL, atol=1e-6)
     assert_same_loss_and_grads((plain_loss, plain_grads), (padded_loss, padded_grads), RTOL, "padded vs as given")
+
+
+def test_tuple_outputs_left_as_given(tiny_checkpoint, monkeypatch):
+    """A decoder asked for a tuple (return_dict=False, or config.return_dict=False) runs the batch as given."""
+    model = _fast_model(tiny_checkpoint, "llama", monkeypatch)
+    lengths = _decoder_lengths(model)
+    monkeypatch.setenv(length_buckets.SWITCH, "1")
+    decoder = model.get_base_model().model
+    ids = _batch("plain")["input_ids"].to(model.device)
+    assert decoder(input_ids=ids, return_dict=False)[0].shape[1] == 37
+    decoder.config.return_dict = False
+    try:
+        assert decoder(input_ids=ids)[0].shape[1] == 37
+    finally:
+        decoder.config.return_dict = True
+    assert decoder(input_ids=ids).last_hidden_state.shape[1] == 37
+    assert lengths == [37, 37, 64]

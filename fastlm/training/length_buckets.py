@@ -32,7 +32,7 @@ When: FASTLM_LENGTH_BUCKETS = "auto" (default: when the model's decoder layers r
 checkpointing with CUDA graphs and can be graphed (no dropout), in training, with grad, on CUDA), "1" (whenever
 the decoder trains with grad: also useful to bound the shapes torch.compile sees), "0" (never). The batch is left
 as it is when the forward gets a tensor argument the padding does not know (a cache, cache_position, a 4-D mask,
-flash-attention varlen tensors...) or asks for a tuple (return_dict=False).
+flash-attention varlen tensors...) or asks for a tuple (return_dict=False, as an argument or in the config).
 """
 import math
 import os
@@ -88,8 +88,10 @@ def padded_length(decoder, arguments: dict, extra: dict) -> Optional[int]:
             tensor, e.g. a flash-attention varlen `cu_seq_lens_q`, leaves the batch as it is).
     """
     mode = setting()
-    if mode == "0" or not torch.is_grad_enabled() or not decoder.training or extra.get("return_dict") is False:
+    if mode == "0" or not torch.is_grad_enabled() or not decoder.training:
         return None
+    if extra.get("return_dict", getattr(getattr(decoder, "config", None), "return_dict", True)) is False:
+        return None  # a tuple comes back: its hidden states and attentions could not be told apart to cut them
     tensors = {name: value for name, value in arguments.items() if isinstance(value, torch.Tensor)}
     if any(name not in PADDABLE for name in tensors):
         return None
