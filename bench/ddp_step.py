@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def worker(args) -> None:
     import fastlm  # noqa: F401  (before CUDA is touched: its allocator settings apply, as in train_step)
+    from bench.profile_step import step
     from bench.train_step import load
 
     world = int(os.environ["WORLD_SIZE"])
@@ -45,11 +46,7 @@ def worker(args) -> None:
     for _ in range(3 + args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step(model, ids, optimizer)  # forward under bf16 autocast, backward, AdamW step, zero_grad
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())

@@ -89,6 +89,12 @@ def profile_summary(starts, profiled_steps: int) -> dict:
                 launches_per_step=len(device_events) // profiled_steps, host_cprofile=text.getvalue())
 
 
+def report_profile(summary: dict, host_chars: int = 6000) -> None:
+    """Print profile_summary's figures as one JSON line, then the head of its host cProfile table."""
+    print(json.dumps({k: v for k, v in summary.items() if k != "host_cprofile"}), flush=True)
+    print(summary["host_cprofile"][:host_chars], flush=True)
+
+
 def run(variant: str, path: str, fast: bool, batch: int, seq: int, steps: int, out_dir: str,
         profile: bool = False, overrides: dict = None) -> dict:
     from transformers import Trainer, TrainingArguments
@@ -117,8 +123,7 @@ def run(variant: str, path: str, fast: bool, batch: int, seq: int, steps: int, o
     print(json.dumps(row), flush=True)
     if profile:
         row["profile"] = profile_summary(starts, 2)
-        print(json.dumps({k: v for k, v in row["profile"].items() if k != "host_cprofile"}), flush=True)
-        print(row["profile"]["host_cprofile"][:6000], flush=True)
+        report_profile(row["profile"])
     del trainer, model
     torch.cuda.empty_cache()
     return row

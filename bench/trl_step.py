@@ -69,10 +69,8 @@ def run(setting: str, args, path: str) -> dict:
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
     print(json.dumps(row), flush=True)
     if args.profile:  # host time by function over the profiled steps (bench/trainer_step.profile_summary)
-        from bench.trainer_step import profile_summary
-        summary = profile_summary(starts, total - 4)
-        print(json.dumps({k: v for k, v in summary.items() if k != "host_cprofile"}), flush=True)
-        print(summary["host_cprofile"][:9000], flush=True)
+        from bench.trainer_step import profile_summary, report_profile
+        report_profile(profile_summary(starts, total - 4), host_chars=9000)
     del trainer, model
     torch.cuda.empty_cache()
     return row
