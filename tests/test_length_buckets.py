@@ -220,8 +220,11 @@ def test_decoder_called_directly(tiny_checkpoint, monkeypatch):
     assert_same_loss_and_grads((plain_loss, plain_grads), (padded_loss, padded_grads), RTOL, "padded vs as given")
 
 
-def test_tuple_outputs_left_as_given(tiny_checkpoint, monkeypatch):
-    """A decoder asked for a tuple (return_dict=False, or config.return_dict=False) runs the batch as given."""
+def test_decoder_left_as_given_for_tuples_and_caches(tiny_checkpoint, monkeypatch):
+    """A decoder asked for a tuple (return_dict=False, or config.return_dict=False) or given a cache (under either
+    of its names) runs the batch as given."""
+    from transformers import DynamicCache
+
     model = _fast_model(tiny_checkpoint, "llama", monkeypatch)
     lengths = _decoder_lengths(model)
     monkeypatch.setenv(length_buckets.SWITCH, "1")
@@ -233,5 +236,8 @@ def test_tuple_outputs_left_as_given(tiny_checkpoint, monkeypatch):
         assert decoder(input_ids=ids)[0].shape[1] == 37
     finally:
         decoder.config.return_dict = True
+    for name in ("past_key_values", "cache"):
+        out = decoder(input_ids=ids, use_cache=True, **{name: DynamicCache(config=decoder.config)})
+        assert out.last_hidden_state.shape[1] == 37
     assert decoder(input_ids=ids).last_hidden_state.shape[1] == 37
-    assert lengths == [37, 37, 64]
+    assert lengths == [37, 37, 37, 37, 64]

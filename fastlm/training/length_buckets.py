@@ -98,8 +98,8 @@ def padded_length(decoder, arguments: dict, extra: dict) -> Optional[int]:
     if any(isinstance(value, torch.Tensor) and name not in ("num_items_in_batch", "shift_labels")
            for name, value in extra.items()):
         return None
-    if arguments.get("past_key_values") is not None or arguments.get("cache") is not None:
-        return None
+    if any(where.get(name) is not None for where in (arguments, extra) for name in ("past_key_values", "cache")):
+        return None  # named either way (transformers 5.2x renames past_key_values to cache), given either way
     main = tensors.get("input_ids", tensors.get("inputs_embeds"))
     if main is None or main.dim() < 2:
         return None
