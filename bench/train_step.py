@@ -239,6 +239,9 @@ ABLATIONS = {
     "recomputed_attention": ("the recomputation runs each layer's attention forward again, as up to run 80, instead "
                              "of taking the output and log-sum-exp its forward saved (offloaded with the layer input)",
                              lambda: _patch("fastlm.models.saved_attention", "ENABLED", False)),
+    "padding_mask": ("a right-padded batch whose padding carries no labels keeps its attention mask, as up to "
+                     "run 96, instead of running as a causal batch without it",
+                     lambda: _patch("fastlm.models.causal_lm", "DROP_PADDING_MASK", False)),
     "copied_dx": ("each graphed layer's dx is copied out of the graphs' static buffer and back in by the next "
                   "layer, as up to run 76",
                   lambda: _patch("fastlm.training.layer_graphs", "LayerGraph.follows", lambda self, x: False)),

@@ -3,7 +3,7 @@
 Unit: the reused node's output and q/k/v gradients equal SDPA's own (causal, grouped-query heads, odd length), in
 fp32 and bf16, through the same memo the offloaded checkpoint uses. Model: under use_gradient_checkpointing=
 "unsloth" every tiny architecture that reaches SDPA without a mask gives the loss and LoRA gradients of no
-checkpointing, and its backward runs no attention forward (counted at the aten level); a padded batch (a mask) or
+checkpointing, and its backward runs no attention forward (counted at the aten level); a batch with a mask or
 the switch off recompute as before. GPU: the same with the CUDA graphs, bf16.
 """
 import pytest
@@ -179,16 +179,25 @@ def test_recomputation_without_a_saved_output_computes_it(tiny_checkpoint, monke
     assert_same_loss_and_grads(expected[:2], (loss.detach(), grads), CPU_RTOL, "nothing saved vs no checkpointing")
 
 
-def test_padded_batch_recomputes_attention(tiny_checkpoint, monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 on the CPU (see above)")
+def test_padded_batch(tiny_checkpoint, monkeypatch):
+    """Right padding without labels runs without its mask (fastlm.models.causal_lm.padding_mask_droppable), so the
+    saved output serves it; a batch that keeps its mask (here: that drop turned off) recomputes the attention."""
+    from fastlm.models import causal_lm
     from tests.test_offload_checkpointing import _batch
     monkeypatch.setenv(SWITCH, "1")
     model = _lora_model(tiny_checkpoint("llama"), "16bit", dropout=0.0, dtype=torch.float32)
     model.config._attn_implementation = "sdpa"
-    batch = _batch(model.device)  # right padding: transformers passes a mask
+    layers = len(model.get_base_model().model.layers)
+    batch = _batch(model.device)  # right padding, labels -100 there
     expected = _counted_step(model, False, batch)
     padded = _counted_step(model, "unsloth", batch)
-    assert padded[2] == len(model.get_base_model().model.layers)
+    assert padded[2] == 0
     assert_same_loss_and_grads(expected[:2], padded[:2], CPU_RTOL, "padded batch, unsloth vs no checkpointing")
+    monkeypatch.setattr(causal_lm, "DROP_PADDING_MASK", False)
+    masked = _counted_step(model, "unsloth", batch)
+    assert masked[2] == layers  # transformers passes the mask: not the saved path
+    assert_same_loss_and_grads(expected[:2], masked[:2], CPU_RTOL, "masked batch, unsloth vs no checkpointing")
 
 
 @pytest.mark.gpu

@@ -13,6 +13,11 @@ modules_to_save (a ModulesToSaveWrapper) contributes its active trained copy's w
 cannot reproduce transformers (an lm_head that is not a plain Linear, e.g. LoRA on lm_head; a custom
 `loss_function`; logits_to_keep together with labels) the class forward runs instead.
 
+In training, a batch whose attention mask only marks right padding that the loss ignores runs without the mask
+(`padding_mask_droppable`): causal attention alone gives every real position the same output, and attention
+without a mask takes the faster causal kernels and the saved output (fastlm/models/saved_attention.py). Only the
+padded positions' own hidden states change, and nothing reads them: the loss skips them and logits are not returned.
+
 `decoder_forward` is bound as the forward of the decoder instance under it (e.g. LlamaModel): in training under
 fastlm's CUDA-graphed checkpointing it runs the layers on the batch lengthened to a length bucket
 (fastlm/training/length_buckets.py) and returns the hidden states of the batch as given. Being the decoder's own
@@ -58,6 +63,7 @@ def _cache_field(output_class) -> str:
 
 
 _REPORTED_FALLBACKS = set()  # each reason is logged once per process
+DROP_PADDING_MASK = True  # False: keep every attention mask (bench/train_step.py's --padding-mask ablation)
 
 
 def _fall_back(reason: str) -> None:
@@ -72,6 +78,27 @@ def _signature(model_class):
     signature = inspect.signature(model_class.forward)
     var_keyword = next((name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
     return signature, var_keyword
+
+
+def padding_mask_droppable(arguments: dict, loss_labels, shifted: bool, ignore_index: int) -> bool:
+    """Whether the decoder can run this training batch without its attention mask, with the same loss and gradients.
+
+    True when the mask (B, T) (any dtype, nonzero = real) marks right padding only (each row real tokens, then
+    padding) and no padded position has a label: with `shifted` labels (B, T) position t predicts labels[t + 1],
+    otherwise loss_labels[t] (pre-shifted). Then causal attention alone lets each real position see the same keys
+    (earlier positions, all real) as the mask does, and the padded positions' outputs reach no loss. Also True for a
+    mask of ones (transformers drops such a mask itself). Costs one device-to-host read. False with position_ids
+    (packed sequences) or a cache given, or any other mask shape."""
+    mask = arguments.get("attention_mask")
+    if not (DROP_PADDING_MASK and torch.is_tensor(mask) and mask.dim() == 2 and torch.is_tensor(loss_labels)
+            and loss_labels.shape == mask.shape and arguments.get("position_ids") is None
+            and arguments.get("past_key_values") is None and arguments.get("cache") is None):
+        return False
+    real = mask != 0
+    real_after_padding = real[:, 1:] & ~real[:, :-1]  # (B, T-1): a real token after a padded one (left padding)
+    padded = ~real[:, :-1] if shifted else ~real
+    targets = loss_labels[:, 1:] if shifted else loss_labels
+    return not bool(real_after_padding.any() | (padded & (targets != ignore_index)).any())
 
 
 def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
@@ -111,6 +138,8 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    if self.training and padding_mask_droppable(arguments, loss_labels, shift_labels is None, ignore_index):
+        arguments["attention_mask"] = None
     outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
     hidden = outputs[0]  # (B, T, H)
     hidden_states, attentions = getattr(outputs, "hidden_states", None), getattr(outputs, "attentions", None)
