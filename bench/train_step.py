@@ -18,6 +18,8 @@ import pstats
 import sys
 import time
 
+from typing import Optional
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,8 +127,21 @@ def step_lengths(steps: int, seq: int, lengths) -> list:
     return torch.randint(lengths[0], lengths[1] + 1, (3 + steps,), generator=g).tolist()
 
 
+def right_padding(batch: int, length: int, pad_fraction: float, device) -> Optional[torch.Tensor]:
+    """The attention mask (batch, length) of a right-padded batch: row r ends in round(pad_fraction * length * r /
+    (batch - 1)) padded positions (row 0 none, the last row pad_fraction of its length), or None for no padding."""
+    if not pad_fraction:
+        return None
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    for row in range(1, batch):
+        pad = round(pad_fraction * length * row / (batch - 1))
+        if pad:
+            mask[row, length - pad:] = 0
+    return mask
+
+
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0, offloads=None, fp32=False):
+                prompt_fraction=0.0, offloads=None, fp32=False, pad_fraction=0.0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -155,7 +170,10 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
             step_ids = ids[:, :per_step[step]]
             labels = step_ids.clone()
             labels[:, :int(prompt_fraction * labels.shape[1])] = -100  # a prompt the loss ignores
-            loss = model(input_ids=step_ids, labels=labels).loss
+            mask = right_padding(batch, step_ids.shape[1], pad_fraction, step_ids.device)
+            if mask is not None:  # padding: no labels there, as collators make it
+                labels = labels.masked_fill(mask == 0, -100)
+            loss = model(input_ids=step_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -190,6 +208,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
                device_frees=torch.cuda.memory_stats().get("num_device_free"))
     if prompt_fraction:
         row.update(prompt_fraction=prompt_fraction)
+    if pad_fraction:
+        row.update(pad_fraction=pad_fraction)
     if lengths is not None:  # the lengths, and the time of the last half of the steps (most shapes seen by then)
         half = len(times) // 2
         row.update(lengths=f"{lengths[0]}-{lengths[1]}", seq=None, mean_length=round(mean),
@@ -275,6 +295,9 @@ def main():
                         help="fastlm.kernels.cross_entropy.DEFAULT_CHUNK_BYTES in MiB for this run (a sweep)")
     parser.add_argument("--buckets-per-octave", type=int, default=None,
                         help="fastlm.training.length_buckets.BUCKETS_PER_OCTAVE for this run (a sweep)")
+    parser.add_argument("--pad-fraction", type=float, default=0.0,
+                        help="right-pad the batch (attention_mask, labels -100 there): row r of B ends in "
+                             "pad_fraction * seq * r / (B - 1) padded positions")
     parser.add_argument("--prompt-fraction", type=float, default=0.0,
                         help="labels -100 on the first F of every row (chat data's masked prompts)")
     parser.add_argument("--ce-rows", default="selected", choices=["selected", "sync", "all"],
@@ -336,7 +359,7 @@ def main():
                 cprofile_to = os.path.join(args.out, f"cprofile_{args.shape}_{variant}_{impl}.txt")
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
-                                        prompt_fraction=args.prompt_fraction,
+                                        prompt_fraction=args.prompt_fraction, pad_fraction=args.pad_fraction,
                                         offloads=offloads if fast else None, fp32=args.fp32 and fast))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
