@@ -73,7 +73,7 @@ def test_pre_shifted_labels(tiny_checkpoint, monkeypatch):
 
 def test_mask_kept(tiny_checkpoint, monkeypatch):
     """Kept: a padded position that the loss reads (its label, shifted by one, is not -100), left padding,
-    position_ids given (packed sequences), evaluation mode. Dropped: a mask of ones, and a label on the first padded
+    position_ids given (packed sequences), a cache under either name, evaluation mode. Dropped: a mask of ones, and a label on the first padded
     position (the last real position predicts it, with the same output either way)."""
     model = _fast_model(tiny_checkpoint, "llama", monkeypatch)
     masks = _masks_seen(model)
@@ -83,12 +83,15 @@ def test_mask_kept(tiny_checkpoint, monkeypatch):
     model(**labelled)
     model(**_padded_batch(model.device, left=True))
     model(**_padded_batch(model.device), position_ids=torch.arange(29, device=model.device).repeat(2, 1))
+    from transformers import DynamicCache
+    for name in ("past_key_values", "cache"):  # transformers 5.2x names it cache, and takes past_key_values as well
+        model(**_padded_batch(model.device), use_cache=True, **{name: DynamicCache(config=model.config)})
     model.eval()
     model(**_padded_batch(model.device))
     model.train()
     ones = _padded_batch(model.device, pad=0)
     model(**ones)
-    assert masks == [(2, 29)] * 4 + [None]
+    assert masks == [(2, 29)] * 6 + [None]
     first = _padded_batch(model.device)
     first["labels"][1, -6] = 7  # the first padded position's own label: read by the last real position, unchanged
     model(**first)

@@ -82,6 +82,7 @@ def _signature(model_class):
 
 def padding_mask_droppable(arguments: dict, loss_labels, shifted: bool, ignore_index: int) -> bool:
     """Whether the decoder can run this training batch without its attention mask, with the same loss and gradients.
+    `arguments`: the forward's arguments by name (its **kwargs included).
 
     True when the mask (B, T) (any dtype, nonzero = real) marks right padding only (each row real tokens, then
     padding) and no padded position has a label: with `shifted` labels (B, T) position t predicts labels[t + 1],
@@ -138,7 +139,8 @@ def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    if self.training and padding_mask_droppable(arguments, loss_labels, shift_labels is None, ignore_index):
+    if self.training and padding_mask_droppable({**extra, **arguments}, loss_labels, shift_labels is None,
+                                                 ignore_index):  # extra: a past_key_values= of transformers 5.2x
         arguments["attention_mask"] = None
     outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
     hidden = outputs[0]  # (B, T, H)
