@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.train_step import import_fastlm_first, load, make_checkpoint  # noqa: E402
+from bench.train_step import _layer_graphs, import_fastlm_first, load, make_checkpoint  # noqa: E402
 from bench.trainer_step import step_starts  # noqa: E402
 
 
@@ -67,6 +67,9 @@ def run(setting: str, args, path: str) -> dict:
                mean_ms_last_half=round(1000 * sum(half) / len(half), 1), step_ms=[round(1000 * t, 1) for t in times],
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+    graphs = _layer_graphs(model.get_base_model())  # do the layers replay CUDA graphs under SFTTrainer, and if not, why
+    row.update(layer_graphs=graphs.captured() if graphs is not None else 0,
+               why_eager=getattr(graphs, "why_eager", None), graphs_broken=getattr(graphs, "broken", None))
     print(json.dumps(row), flush=True)
     if args.profile:  # host time by function over the profiled steps (bench/trainer_step.profile_summary)
         from bench.trainer_step import profile_summary, report_profile
