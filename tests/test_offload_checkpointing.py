@@ -174,6 +174,31 @@ def test_plain_transformers_model_is_untouched(tiny_checkpoint):
     assert not isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint)
 
 
+def test_trainer_requests_keep_the_offloaded_checkpoint(tiny_checkpoint):
+    """What transformers' Trainer does with gradient_checkpointing=True (enable with torch's checkpoint) keeps
+    "unsloth"'s OffloadedCheckpoint, after a disable too; other arguments (every_n_layers) pass through; setting
+    True through fastlm makes such requests transformers' own again."""
+    import inspect
+
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    base = model.get_base_model()
+    set_gradient_checkpointing(model, "unsloth")
+    layers = base.model.layers
+    offloaded = layers[0]._gradient_checkpointing_func
+    assert isinstance(offloaded, OffloadedCheckpoint)
+    base.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is offloaded for layer in layers)
+    if "every_n_layers" in inspect.signature(type(base)._set_gradient_checkpointing).parameters:  # 5.24, not 5.17
+        base.gradient_checkpointing_enable(every_n_layers=2)
+        assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+        assert all(layer._gradient_checkpointing_func is offloaded for layer in layers)
+    set_gradient_checkpointing(model, True)
+    base.gradient_checkpointing_enable()
+    assert not isinstance(layers[0]._gradient_checkpointing_func, OffloadedCheckpoint)
+
+
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

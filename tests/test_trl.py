@@ -106,3 +106,26 @@ def test_sft_trainer_layers_run_at_length_buckets(tiny_checkpoint, tmp_path, mon
     assert len(lengths) == 3 and all(n == 64 for n in lengths), lengths
     assert all(n < 64 for n in plain_lengths), plain_lengths
     assert losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_sft_trainer_keeps_offloaded_checkpointing(tiny_checkpoint, tmp_path):
+    """SFTConfig turns gradient checkpointing on by default (transformers' Trainer then installs torch's checkpoint
+    through the model's `_set_gradient_checkpointing`); a model set up with use_gradient_checkpointing="unsloth"
+    keeps its own OffloadedCheckpoint (the same object: its CUDA graphs and saved attention stay with it)."""
+    from fastlm.training.checkpointing import checkpointing_module
+    from fastlm.training.offload import OffloadedCheckpoint
+
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                         max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing="unsloth")
+    _, before = checkpointing_module(model)
+    assert isinstance(before, OffloadedCheckpoint)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                         save_strategy="no", max_length=64, disable_tqdm=True, bf16=False)
+    assert args.gradient_checkpointing  # TRL's default
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("text"), processing_class=tokenizer)
+    trainer.train()
+    module, after = checkpointing_module(model)
+    assert after is before
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is before for layer in layers)

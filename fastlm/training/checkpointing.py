@@ -7,9 +7,21 @@ transformers' extension point `_set_gradient_checkpointing(enable=True, gradient
 (the same signature from 4.35 through 5.24), which sets `_gradient_checkpointing_func` on that model's modules
 with a `gradient_checkpointing` flag only (the decoder, e.g. LlamaModel, and its GradientCheckpointingLayer
 layers); nothing global changes.
+
+A trainer that turns checkpointing on itself (transformers.Trainer with `gradient_checkpointing=True`, TRL's
+SFTConfig, whose default is True) calls the same extension point with torch's checkpoint; under "unsloth" that would
+silently swap the offloaded checkpoint (and its CUDA graphs and saved attention) for plain checkpointing, ~2x the
+step time under SFTTrainer (bench/RESULTS.md run 98). So "unsloth" also sets `_set_gradient_checkpointing` on the
+model instance to `_keep_offloaded`: turning checkpointing on keeps the model's OffloadedCheckpoint (its other
+arguments, e.g. transformers 5.24's every_n_layers, pass through), turning it off works as before. Setting True or
+False through fastlm removes it.
 """
+import functools
 import inspect
+import logging
 from typing import Union
+
+logger = logging.getLogger(__name__)
 
 
 def check_mode(value) -> Union[bool, str]:
@@ -24,6 +36,7 @@ def set_gradient_checkpointing(model, mode: Union[bool, str]) -> None:
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
         model = get_base()
+    model.__dict__.pop("_set_gradient_checkpointing", None)  # _keep_offloaded, from an earlier "unsloth"
     if not getattr(model, "supports_gradient_checkpointing", False):
         if mode:
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; pass "
@@ -71,4 +84,19 @@ def _enable_offloaded(model) -> None:
     if "gradient_checkpointing_func" not in inspect.signature(setter).parameters:
         raise ValueError(f"{type(model).__name__} uses transformers' pre-4.35 checkpointing interface, which takes "
                          "no checkpoint function; use use_gradient_checkpointing=True.")
-    setter(enable=True, gradient_checkpointing_func=OffloadedCheckpoint())
+    checkpoint = OffloadedCheckpoint()
+    setter(enable=True, gradient_checkpointing_func=checkpoint)
+    model._set_gradient_checkpointing = functools.partial(_keep_offloaded, model, checkpoint)
+
+
+def _keep_offloaded(model, checkpoint, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+    """`model._set_gradient_checkpointing` while use_gradient_checkpointing="unsloth" is set: the class's own with
+    `checkpoint` (the model's OffloadedCheckpoint) as the function whenever checkpointing is turned on."""
+    if enable and gradient_checkpointing_func is not checkpoint:
+        logger.info("fastlm: a request to turn gradient checkpointing on keeps use_gradient_checkpointing=\"unsloth\" "
+                    "(offloaded checkpointing) instead of %r; set another mode with "
+                    "FastLanguageModel.for_training(model, use_gradient_checkpointing=...).",
+                    getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func))
+    if enable or gradient_checkpointing_func is not None:
+        kwargs["gradient_checkpointing_func"] = checkpoint if enable else gradient_checkpointing_func
+    type(model)._set_gradient_checkpointing(model, enable=enable, **kwargs)
