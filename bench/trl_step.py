@@ -6,11 +6,12 @@
 SFTTrainer (TRL 1.x) computes the loss with its own fused LM head from `model.base_model(...)`, so the length
 buckets act in the decoder's forward (fastlm.models.causal_lm.decoder_forward). Rows of random token ids of
 lengths drawn from --lengths (pre-tokenized: TRL skips tokenizing), padded per batch by TRL's collator to the
-batch's longest row, so nearly every step has a new length. Two runs of the same model and data:
+batch's longest row, so nearly every step has a new length. Runs of the same model and data (--settings):
 FASTLM_LENGTH_BUCKETS=auto (the default: on a GPU with graphed layers, lengths rounded up to 4 buckets per doubling)
 and =0 (each new length runs eagerly once, is captured at its second call, and past 24 shapes a layer runs eagerly:
-what TRL users had before the decoder took the buckets). Reports the mean step time over the last half of the steps
-and over all, and the ratio. Each run is a process of its own (--setting): Triton and TRL compile kernels per new
+what TRL users had before the decoder took the buckets), and hf: transformers + PEFT (+ bitsandbytes for qlora)
+under the same SFTConfig, the baseline. Reports the mean step time over the last half of the steps and over all,
+and the ratios. Each run is a process of its own (--setting): Triton and TRL compile kernels per new
 shape, and a second run in the same process would find the first's compiled.
 """
 import argparse
@@ -45,10 +46,12 @@ def run(setting: str, args, path: str) -> dict:
     import trl
     from transformers import AutoTokenizer
 
-    os.environ["FASTLM_LENGTH_BUCKETS"] = setting
+    hf = setting == "hf"
+    if not hf:
+        os.environ["FASTLM_LENGTH_BUCKETS"] = setting
     torch.cuda.empty_cache()
     torch.manual_seed(0)
-    model = load(args.variant, path, fast=True)
+    model = load(args.variant, path, fast=not hf)
     tokenizer = AutoTokenizer.from_pretrained(path)
     total = 3 + args.steps
     config = trl.SFTConfig(output_dir=os.path.join(args.out, "trl"), per_device_train_batch_size=args.batch,
@@ -62,7 +65,8 @@ def run(setting: str, args, path: str) -> dict:
     times = [b - a for a, b in zip(starts.times, starts.times[1:])]
     half = times[len(times) // 2:]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    row = dict(length_buckets=setting, variant=args.variant, batch=args.batch, lengths=list(args.lengths),
+    row = dict(length_buckets=None if hf else setting, impl="hf+peft" if hf else "fastlm", variant=args.variant,
+               batch=args.batch, lengths=list(args.lengths),
                steps=total, mean_ms_all=round(1000 * sum(times) / len(times), 1),
                mean_ms_last_half=round(1000 * sum(half) / len(half), 1), step_ms=[round(1000 * t, 1) for t in times],
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -87,16 +91,17 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--setting", help="run this FASTLM_LENGTH_BUCKETS setting here (one process per setting)")
+    parser.add_argument("--settings", default="auto,0,hf", help="FASTLM_LENGTH_BUCKETS settings, and hf: the baseline")
+    parser.add_argument("--setting", help="run this one setting here (one process per setting)")
     parser.add_argument("--profile", action="store_true", help="with --setting: profile steps 3 to the last but one")
     args = parser.parse_args()
     lengths = args.lengths
     args.lengths = tuple(int(n) for n in args.lengths.split(","))
     if args.setting is not None:
-        import_fastlm_first(["fastlm"])
+        import_fastlm_first(["hf"] if args.setting == "hf" else ["fastlm"])
         return run(args.setting, args, make_checkpoint(args.shape))
     rows = []
-    for setting in ("auto", "0"):
+    for setting in args.settings.split(","):
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--setting", setting, "--out", args.out,
                                "--shape", args.shape, "--variant", args.variant, "--batch", str(args.batch),
                                "--lengths", lengths, "--steps", str(args.steps)], capture_output=True, text=True)
@@ -104,8 +109,12 @@ def main():
         if done.returncode != 0 or not found:
             raise RuntimeError(f"the {setting} run failed:\n{done.stderr[-3000:]}")
         rows.append(found[-1])
-    rows[0]["speed_vs_no_buckets_last_half"] = round(rows[1]["mean_ms_last_half"] / rows[0]["mean_ms_last_half"], 3)
-    rows[0]["speed_vs_no_buckets_all"] = round(rows[1]["mean_ms_all"] / rows[0]["mean_ms_all"], 3)
+    by_setting = {row["length_buckets"] or "hf": row for row in rows}
+    for name, other in (("no_buckets", "0"), ("hf", "hf")):
+        if "auto" in by_setting and other in by_setting:
+            for part in ("last_half", "all"):
+                by_setting["auto"][f"speed_vs_{name}_{part}"] = round(
+                    by_setting[other][f"mean_ms_{part}"] / by_setting["auto"][f"mean_ms_{part}"], 3)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"trl_step_{args.shape}_{args.variant}.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
