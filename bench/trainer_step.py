@@ -43,17 +43,23 @@ class RandomIds(torch.utils.data.Dataset):
 
 
 def step_starts(profile_steps: tuple = ()):
-    """A TrainerCallback recording the wall time at each step's start, after synchronizing the GPU; with
+    """A TrainerCallback recording the wall time at each step's start, after synchronizing the GPU, and each step's
+    peak allocated GiB (`.peaks`: the peak since the previous step's start, the first one since the process began); with
     profile_steps=(first, last) the steps first..last-1 also run under torch.profiler and cProfile (`.profiles`)."""
     from transformers import TrainerCallback
 
     class StepStarts(TrainerCallback):
         def __init__(self):
-            self.times, self.profiles, self.wall_ms = [], None, None
+            self.times, self.peaks, self.profiles, self.wall_ms = [], [], None, None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def _mark(self):
             torch.cuda.synchronize()
             self.times.append(time.perf_counter())
+            self.peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 2))
+            torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._mark()
             if profile_steps and state.global_step == profile_steps[0]:
                 activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.profiles = (torch.profiler.profile(activities=activities), cProfile.Profile())
@@ -65,8 +71,7 @@ def step_starts(profile_steps: tuple = ()):
                 self.wall_ms = 1000 * (self.times[-1] - self.times[-1 - profile_steps[1] + profile_steps[0]])
 
         def on_train_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+            self._mark()
 
     return StepStarts()
 
@@ -118,7 +123,7 @@ def run(variant: str, path: str, fast: bool, batch: int, seq: int, steps: int, o
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     row = dict(variant=variant, impl="fastlm" if fast else "hf+peft", batch=batch, seq=seq, ms_per_step=round(ms, 1),
                tokens_per_s=round(batch * seq / (ms / 1000)),
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_alloc_gib=max(starts.peaks),
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), trainer_args=overrides or {})
     print(json.dumps(row), flush=True)
     if profile:
