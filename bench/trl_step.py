@@ -69,7 +69,9 @@ def run(setting: str, args, path: str) -> dict:
                batch=args.batch, lengths=list(args.lengths),
                steps=total, mean_ms_all=round(1000 * sum(times) / len(times), 1),
                mean_ms_last_half=round(1000 * sum(half) / len(half), 1), step_ms=[round(1000 * t, 1) for t in times],
-               peak_alloc_gib=max(starts.peaks), step_peak_gib=starts.peaks[1:],  # [0]: loading, before step 0
+               # peaks[0]: before step 0 (the first process also makes the random checkpoint: make_checkpoint)
+               peak_alloc_gib=max(starts.peaks[1:]), load_peak_alloc_gib=starts.peaks[0],
+               step_peak_gib=starts.peaks[1:],
                loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
     graphs = _layer_graphs(model.get_base_model())  # do the layers replay CUDA graphs under SFTTrainer, and if not, why
     row.update(layer_graphs=graphs.captured() if graphs is not None else 0,
