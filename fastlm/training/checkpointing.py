@@ -21,7 +21,7 @@ import inspect
 import logging
 from typing import Union
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastlm")
 
 
 def check_mode(value) -> Union[bool, str]:
