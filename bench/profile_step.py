@@ -76,8 +76,17 @@ def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12)
             end, name = next_end, next_name
     busy += end - start
     gaps.sort(key=lambda g: -g[0])
+    # Idle ms per step in gaps of each size: many short ones are launch gaps between kernels (inside CUDA graphs
+    # too), a few long ones are waits (the host, a copy, a sync).
+    edges = (2, 5, 20, 100, 1000)
+    labels = [f"<{edge}us" for edge in edges] + [f">={edges[-1]}us"]
+    histogram = dict.fromkeys(labels, 0.0)
+    for us, _, _ in gaps:
+        histogram[labels[sum(us >= edge for edge in edges)]] += us / 1000 / profiled_steps
     return dict(compute_busy_ms=round(busy / 1000 / profiled_steps, 1),
                 compute_idle_ms=round(wall_ms - busy / 1000 / profiled_steps, 1),
+                gap_count_per_step=round(len(gaps) / profiled_steps),
+                idle_ms_by_gap={k: round(v, 2) for k, v in histogram.items()},
                 longest_gaps=[dict(us=round(us, 1), after=a[:70], before=b[:70]) for us, a, b in gaps[:top]])
 
 
