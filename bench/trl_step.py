@@ -9,7 +9,8 @@ lengths drawn from --lengths (pre-tokenized: TRL skips tokenizing), padded per b
 batch's longest row, so nearly every step has a new length. Runs of the same model and data (--settings):
 FASTLM_LENGTH_BUCKETS=auto (the default: on a GPU with graphed layers, lengths rounded up to 4 buckets per doubling)
 and =0 (each new length runs eagerly once, is captured at its second call, and past 24 shapes a layer runs eagerly:
-what TRL users had before the decoder took the buckets), and hf: transformers + PEFT (+ bitsandbytes for qlora)
+what TRL users had before the decoder took the buckets), either with +mask (right-padded batches keep their
+attention mask: the padding-mask drop's ablation), and hf: transformers + PEFT (+ bitsandbytes for qlora)
 under the same SFTConfig, the baseline. Reports the mean step time over the last half of the steps and over all,
 and the ratios. Each run is a process of its own (--setting): Triton and TRL compile kernels per new
 shape, and a second run in the same process would find the first's compiled.
@@ -48,7 +49,10 @@ def run(setting: str, args, path: str) -> dict:
 
     hf = setting == "hf"
     if not hf:
-        os.environ["FASTLM_LENGTH_BUCKETS"] = setting
+        from fastlm.models import causal_lm
+        buckets, _, keep_mask = setting.partition("+")
+        causal_lm.DROP_PADDING_MASK = keep_mask != "mask"
+        os.environ["FASTLM_LENGTH_BUCKETS"] = buckets
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     model = load(args.variant, path, fast=not hf)
@@ -93,7 +97,9 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--settings", default="auto,0,hf", help="FASTLM_LENGTH_BUCKETS settings, and hf: the baseline")
+    parser.add_argument("--settings", default="auto,0,hf",
+                        help="FASTLM_LENGTH_BUCKETS settings (with +mask: the padding mask kept, the ablation of "
+                             "causal_lm.DROP_PADDING_MASK), and hf: the baseline")
     parser.add_argument("--setting", help="run this one setting here (one process per setting)")
     parser.add_argument("--profile", action="store_true", help="with --setting: profile steps 3 to the last but one")
     args = parser.parse_args()
@@ -112,7 +118,7 @@ def main():
             raise RuntimeError(f"the {setting} run failed:\n{done.stderr[-3000:]}")
         rows.append(found[-1])
     by_setting = {row["length_buckets"] or "hf": row for row in rows}
-    for name, other in (("no_buckets", "0"), ("hf", "hf")):
+    for name, other in (("no_buckets", "0"), ("mask_kept", "auto+mask"), ("hf", "hf")):
         if "auto" in by_setting and other in by_setting:
             for part in ("last_half", "all"):
                 by_setting["auto"][f"speed_vs_{name}_{part}"] = round(

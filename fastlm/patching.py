@@ -9,7 +9,8 @@ the state_dict stay as they were, so PEFT (LoRA, modules_to_save), saving and lo
                Qwen 3 / Gemma 3 q/k norms -> fastlm.kernels.rms_norm (Llama or Gemma (1 + w) style)
     mlp        gate/up/down as they are (PEFT LoRA layers included), act(gate) * up fused (SwiGLU / GeGLU)
     attention  fastlm.models.attention.attention_forward: RoPE kernel + transformers' attention function
-    loss       fastlm.models.causal_lm.causal_lm_forward: fused linear cross-entropy when labels are given
+    loss       fastlm.models.causal_lm.causal_lm_forward: fused linear cross-entropy when labels are given (and
+               hook_fused_head: a right-padded batch's mask dropped before TRL's fused LM head too)
     decoder    fastlm.models.causal_lm.decoder_forward: training batches run at their length bucket
 """
 import functools
@@ -19,7 +20,7 @@ import os
 import types
 
 from fastlm.models.attention import attention_forward, missing_parts, settings_for
-from fastlm.models.causal_lm import causal_lm_forward, decoder_forward
+from fastlm.models.causal_lm import causal_lm_forward, decoder_forward, hook_fused_head
 from fastlm.models.layers import (activation_of, layer_norm_forward, mlp_forward, norm_matches,
                                   rms_norm_forward)
 
@@ -173,6 +174,7 @@ def apply_fast_path(model, spec) -> dict:
     if model.get_output_embeddings() is not None:
         set_instance_forward(model, causal_lm_forward, signature_of=type(model).forward,
                              final_softcap_key=spec.final_softcap_key)
+        hook_fused_head(model)  # TRL's fused head bypasses that forward (fastlm.models.causal_lm)
         report["loss"] = True
     else:
         report["skipped"].append("loss: no lm_head")

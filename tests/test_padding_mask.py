@@ -96,3 +96,24 @@ def test_mask_kept(tiny_checkpoint, monkeypatch):
     first["labels"][1, -6] = 7  # the first padded position's own label: read by the last real position, unchanged
     model(**first)
     assert masks[-1] is None
+
+
+def test_fused_head_hook_drops_only_what_the_rule_allows():
+    """causal_lm.drop_padding_mask_for_fused_head (before TRL's fused LM head): the mask goes only for a call with
+    fused_lm_head=True, in training with grad, when padding_mask_droppable says so; other calls pass unchanged."""
+    module = torch.nn.Linear(1, 1)
+    batch = _padded_batch("cpu")
+    hook = causal_lm.drop_padding_mask_for_fused_head
+    args, kwargs = hook(module, (), {**batch, "fused_lm_head": True})
+    assert kwargs["attention_mask"] is None and kwargs["labels"] is batch["labels"] and args == ()
+    assert hook(module, (), dict(batch)) is None  # fastlm's own loss decides there (causal_lm_forward)
+    assert hook(module, (), {**_padded_batch("cpu", left=True), "fused_lm_head": True}) is None
+    labelled = {**batch, "labels": batch["input_ids"], "fused_lm_head": True}
+    assert hook(module, (), labelled) is None  # the padding carries labels
+    shifted = {**batch, "shift_labels": batch["labels"], "labels": None, "fused_lm_head": True}
+    assert hook(module, (), shifted)[1]["attention_mask"] is None  # pre-shifted targets, none on the padding
+    assert hook(module, (), {**shifted, "shift_labels": batch["input_ids"]}) is None
+    with torch.no_grad():
+        assert hook(module, (), {**batch, "fused_lm_head": True}) is None
+    module.eval()
+    assert hook(module, (), {**batch, "fused_lm_head": True}) is None

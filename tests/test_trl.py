@@ -129,3 +129,45 @@ def test_sft_trainer_keeps_offloaded_checkpointing(tiny_checkpoint, tmp_path):
     assert after is before
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is before for layer in layers)
+
+
+@pytest.mark.parametrize("peft", [True, False])
+def test_sft_trainer_right_padding_runs_without_mask(tiny_checkpoint, tmp_path, monkeypatch, peft):
+    """TRL's fused LM head runs the decoder itself; fastlm's hook before it (causal_lm.hook_fused_head, on the
+    PeftModel or, for full fine-tuning, the causal LM) drops the mask of right-padded batches whose padding has no
+    label, as fastlm's own loss does: the decoder sees attention_mask None, and the losses (and the trained weights)
+    equal those of the run that keeps the mask (fp32: relative 1e-5; causal attention gives every real position the
+    same keys). The run with the drop turned off (causal_lm.DROP_PADDING_MASK) passes the mask through."""
+    from fastlm.models import causal_lm
+
+    monkeypatch.setenv("FASTLM_FAST_PATH", "1")
+    if not torch.cuda.is_available():  # the kernels' PyTorch references (tests/kernels test the kernels): faster
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def train(drop):
+        monkeypatch.setattr(causal_lm, "DROP_PADDING_MASK", drop)
+        model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), load_in_16bit=True,
+                                                             max_seq_length=64, dtype=torch.float32,
+                                                             full_finetuning=not peft)
+        if peft:
+            model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+        decoder = model.get_base_model().model if peft else model.model
+        masks = []
+        decoder.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
+                                          with_kwargs=True)
+        args = trl.SFTConfig(output_dir=str(tmp_path / str(drop)), per_device_train_batch_size=3, max_steps=2,
+                             learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
+                             max_length=64, disable_tqdm=True, bf16=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("prompt_completion"),
+                                 processing_class=tokenizer)
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], masks, weights
+
+    kept_losses, kept_masks, kept_weights = train(False)
+    losses, masks, weights = train(True)
+    assert len(masks) == 2 and all(mask is None for mask in masks), masks
+    assert all(torch.is_tensor(mask) and not bool(mask.all()) for mask in kept_masks)  # the batches are padded
+    assert losses == pytest.approx(kept_losses, rel=1e-5)
+    for name, weight in weights.items():
+        torch.testing.assert_close(weight, kept_weights[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -17,6 +17,9 @@ In training, a batch whose attention mask only marks right padding that the loss
 (`padding_mask_droppable`): causal attention alone gives every real position the same output, and attention
 without a mask takes the faster causal kernels and the saved output (fastlm/models/saved_attention.py). Only the
 padded positions' own hidden states change, and nothing reads them: the loss skips them and logits are not returned.
+TRL's fused LM head (`model(..., labels=..., fused_lm_head=True)`, TRL 1.x's SFTTrainer and RL trainers) runs the
+decoder itself and never calls this forward; `drop_padding_mask_for_fused_head`, a forward pre-hook on the model
+the trainer calls, applies the same rule there.
 
 `decoder_forward` is bound as the forward of the decoder instance under it (e.g. LlamaModel): in training under
 fastlm's CUDA-graphed checkpointing it runs the layers on the batch lengthened to a length bucket
@@ -100,6 +103,37 @@ def padding_mask_droppable(arguments: dict, loss_labels, shifted: bool, ignore_i
     padded = ~real[:, :-1] if shifted else ~real
     targets = loss_labels[:, 1:] if shifted else loss_labels
     return not bool(real_after_padding.any() | (padded & (targets != ignore_index)).any())
+
+
+# The keyword with which TRL asks for its fused LM head (trl.trainer.utils.add_fused_lm_head, TRL >= 1.0).
+FUSED_HEAD_KEYWORD = "fused_lm_head"
+_FUSED_HEAD_HOOKED = "_fastlm_fused_head_hook"
+
+
+def drop_padding_mask_for_fused_head(module, args, kwargs):
+    """Forward pre-hook (with_kwargs=True) of the model a trainer calls: the padding-mask drop for TRL's fused head.
+
+    TRL's `model(**batch, labels=labels, fused_lm_head=True)` replaces the model's forward with one of TRL's that
+    runs the decoder itself and scores only the positions whose next-token label (or pre-shifted `shift_labels`)
+    is not -100, so causal_lm_forward never sees those labels. Here, before that forward, the same rule
+    (padding_mask_droppable) applies: in training with grad, a right-padded mask (B, T) with no label on the padding
+    is passed on as None. Positional arguments and every other call are left as they are.
+    Returns (args, kwargs) with attention_mask None, or None (unchanged)."""
+    if kwargs.get(FUSED_HEAD_KEYWORD) is not True or not (module.training and torch.is_grad_enabled()):
+        return None
+    shift_labels = kwargs.get("shift_labels")
+    loss_labels = kwargs.get("labels") if shift_labels is None else shift_labels
+    if not padding_mask_droppable(kwargs, loss_labels, shift_labels is None, -100):
+        return None
+    return args, {**kwargs, "attention_mask": None}
+
+
+def hook_fused_head(model) -> None:
+    """Register drop_padding_mask_for_fused_head on `model` (the causal LM, or the PeftModel around it), once.
+    (A PeftModel's attribute lookups fall through to the model it wraps: the mark is read from its own __dict__.)"""
+    if not vars(model).get(_FUSED_HEAD_HOOKED, False):
+        model.register_forward_pre_hook(drop_padding_mask_for_fused_head, with_kwargs=True)
+        vars(model)[_FUSED_HEAD_HOOKED] = True
 
 
 def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):
