@@ -73,8 +73,8 @@ def test_pre_shifted_labels(tiny_checkpoint, monkeypatch):
 
 def test_mask_kept(tiny_checkpoint, monkeypatch):
     """Kept: a padded position that the loss reads (its label, shifted by one, is not -100), left padding,
-    position_ids given (packed sequences), a cache under either name, evaluation mode. Dropped: a mask of ones, and a label on the first padded
-    position (the last real position predicts it, with the same output either way)."""
+    position_ids given (packed sequences), a cache under either name, evaluation mode. Dropped: a mask of ones, and
+    a label on the first padded position (the last real position predicts it, with the same output either way)."""
     model = _fast_model(tiny_checkpoint, "llama", monkeypatch)
     masks = _masks_seen(model)
     monkeypatch.setattr(causal_lm, "DROP_PADDING_MASK", True)
