@@ -137,7 +137,8 @@ def test_sft_trainer_right_padding_runs_without_mask(tiny_checkpoint, tmp_path, 
     PeftModel or, for full fine-tuning, the causal LM) drops the mask of right-padded batches whose padding has no
     label, as fastlm's own loss does: the decoder sees attention_mask None, and the losses (and the trained weights)
     equal those of the run that keeps the mask (fp32: relative 1e-5; causal attention gives every real position the
-    same keys). The run with the drop turned off (causal_lm.DROP_PADDING_MASK) passes the mask through."""
+    same keys; the weights after SGD steps: 1e-5 of their size plus 1e-6). The run with the drop turned off
+    (causal_lm.DROP_PADDING_MASK) passes the mask through."""
     from fastlm.models import causal_lm
 
     monkeypatch.setenv("FASTLM_FAST_PATH", "1")
@@ -152,16 +153,21 @@ def test_sft_trainer_right_padding_runs_without_mask(tiny_checkpoint, tmp_path, 
         if peft:
             model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
         decoder = model.get_base_model().model if peft else model.model
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         masks = []
         decoder.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
                                           with_kwargs=True)
+        # SGD: the weights move by lr x gradient, so their difference is the gradients'. AdamW's first steps move
+        # each weight by about lr x sign(gradient), which turns summation-order noise in a near-zero gradient
+        # into a difference of up to 2 lr (seen on the H200 for full fine-tuning, run 103).
         args = trl.SFTConfig(output_dir=str(tmp_path / str(drop)), per_device_train_batch_size=3, max_steps=2,
-                             learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
+                             learning_rate=1e-2, optim="sgd", logging_steps=1, report_to="none", save_strategy="no",
                              max_length=64, disable_tqdm=True, bf16=False)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("prompt_completion"),
                                  processing_class=tokenizer)
         trainer.train()
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(not torch.equal(weights[n], initial[n]) for n in weights)  # SGD moved every trained weight
         return [e["loss"] for e in trainer.state.log_history if "loss" in e], masks, weights
 
     kept_losses, kept_masks, kept_weights = train(False)
