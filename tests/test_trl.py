@@ -134,8 +134,8 @@ def test_sft_trainer_keeps_offloaded_checkpointing(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("peft", [True, False])
 def test_sft_trainer_right_padding_runs_without_mask(tiny_checkpoint, tmp_path, monkeypatch, peft):
     """TRL's fused LM head runs the decoder itself; fastlm's hook before it (causal_lm.hook_fused_head, on the
-    PeftModel or, for full fine-tuning, the causal LM) drops the mask of right-padded batches whose padding has no
-    label, as fastlm's own loss does: the decoder sees attention_mask None, and the losses (and the trained weights)
+    causal LM, reached through the PeftModel or, for full fine-tuning, directly) drops the mask of right-padded
+    batches whose padding has no label, as fastlm's own loss does: the decoder sees attention_mask None, and the losses (and the trained weights)
     equal those of the run that keeps the mask (fp32: relative 1e-5; causal attention gives every real position the
     same keys; the weights after SGD steps: 1e-5 of their size plus 1e-6). The run with the drop turned off
     (causal_lm.DROP_PADDING_MASK) passes the mask through."""

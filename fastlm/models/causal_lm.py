@@ -19,7 +19,7 @@ without a mask takes the faster causal kernels and the saved output (fastlm/mode
 padded positions' own hidden states change, and nothing reads them: the loss skips them and logits are not returned.
 TRL's fused LM head (`model(..., labels=..., fused_lm_head=True)`, TRL 1.x's SFTTrainer and RL trainers) runs the
 decoder itself and never calls this forward; `drop_padding_mask_for_fused_head`, a forward pre-hook on the model
-the trainer calls, applies the same rule there.
+instance (PEFT calls it through `model(...)`), applies the same rule there.
 
 `decoder_forward` is bound as the forward of the decoder instance under it (e.g. LlamaModel): in training under
 fastlm's CUDA-graphed checkpointing it runs the layers on the batch lengthened to a length bucket
@@ -129,11 +129,11 @@ def drop_padding_mask_for_fused_head(module, args, kwargs):
 
 
 def hook_fused_head(model) -> None:
-    """Register drop_padding_mask_for_fused_head on `model` (the causal LM, or the PeftModel around it), once.
-    (A PeftModel's attribute lookups fall through to the model it wraps: the mark is read from its own __dict__.)"""
-    if not vars(model).get(_FUSED_HEAD_HOOKED, False):
+    """Register drop_padding_mask_for_fused_head on the causal LM `model`, once. A PeftModel around it reaches it
+    through `model(...)` (PEFT >= 0.21's BaseTuner.forward), so its hooks run under PEFT too."""
+    if not getattr(model, _FUSED_HEAD_HOOKED, False):
         model.register_forward_pre_hook(drop_padding_mask_for_fused_head, with_kwargs=True)
-        vars(model)[_FUSED_HEAD_HOOKED] = True
+        setattr(model, _FUSED_HEAD_HOOKED, True)
 
 
 def causal_lm_forward(self, *args, final_softcap_key=None, **kwargs):

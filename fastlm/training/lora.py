@@ -8,8 +8,7 @@ import torch
 from fastlm.models.registry import DEFAULT_TARGET_MODULES
 from fastlm.state import state_of
 from fastlm.training.checkpointing import check_mode, set_gradient_checkpointing
-from fastlm.models.causal_lm import hook_fused_head
-from fastlm.patching import fast_path_wanted, is_patched
+from fastlm.patching import fast_path_wanted
 from fastlm.training.fused_lora import install_fused_lora
 
 logger = logging.getLogger("fastlm")
@@ -183,15 +182,11 @@ def add_lora(model, r: int, target_modules, lora_alpha: float, lora_dropout: flo
 
 def install_fused_lora_if_wanted(peft_model, spec) -> None:
     """Fused MLP / q,k,v / projections where PEFT's path is not needed, when the fast path is wanted for the base
-    model (on CUDA by default; FASTLM_FAST_PATH=1/0 forces it). spec: the family's ModelSpec, or None. Also the
-    padding-mask drop before TRL's fused LM head (causal_lm.hook_fused_head) on the PeftModel, which trainers call
-    (PEFT calls the base model's forward directly, past the base model's own hooks)."""
+    model (on CUDA by default; FASTLM_FAST_PATH=1/0 forces it). spec: the family's ModelSpec, or None."""
     if fast_path_wanted(peft_model.get_base_model()):
         state = state_of(peft_model)
         install_fused_lora(peft_model, mlp_feeds_residual=spec is not None and spec.mlp_feeds_residual,
                            tiled_mlp=state is not None and state.tiled_mlp)
-        if is_patched(peft_model.get_base_model()):  # the loss is fastlm's there
-            hook_fused_head(peft_model)
 
 
 def _upcast_trained_modules(peft_model, names) -> None:
