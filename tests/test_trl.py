@@ -125,7 +125,7 @@ def test_sft_trainer_keeps_offloaded_checkpointing(tiny_checkpoint, tmp_path):
     assert args.gradient_checkpointing  # TRL's default
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=_dataset("text"), processing_class=tokenizer)
     trainer.train()
-    module, after = checkpointing_module(model)
+    _, after = checkpointing_module(model)
     assert after is before
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is before for layer in layers)
@@ -135,10 +135,10 @@ def test_sft_trainer_keeps_offloaded_checkpointing(tiny_checkpoint, tmp_path):
 def test_sft_trainer_right_padding_runs_without_mask(tiny_checkpoint, tmp_path, monkeypatch, peft):
     """TRL's fused LM head runs the decoder itself; fastlm's hook before it (causal_lm.hook_fused_head, on the
     causal LM, reached through the PeftModel or, for full fine-tuning, directly) drops the mask of right-padded
-    batches whose padding has no label, as fastlm's own loss does: the decoder sees attention_mask None, and the losses (and the trained weights)
-    equal those of the run that keeps the mask (fp32: relative 1e-5; causal attention gives every real position the
-    same keys; the weights after SGD steps: 1e-5 of their size plus 1e-6). The run with the drop turned off
-    (causal_lm.DROP_PADDING_MASK) passes the mask through."""
+    batches whose padding has no label, as fastlm's own loss does: the decoder sees attention_mask None, and the
+    losses and trained weights equal those of the run that keeps the mask (fp32: losses relative 1e-5, weights after
+    SGD steps 1e-5 of their size plus 1e-6; causal attention gives every real position the same keys, so only the
+    summation order differs). The run with the drop turned off (causal_lm.DROP_PADDING_MASK) passes the mask on."""
     from fastlm.models import causal_lm
 
     monkeypatch.setenv("FASTLM_FAST_PATH", "1")
