@@ -262,6 +262,9 @@ ABLATIONS = {
     "padding_mask": ("a right-padded batch whose padding carries no labels keeps its attention mask, as up to "
                      "run 96, instead of running as a causal batch without it",
                      lambda: _patch("fastlm.models.causal_lm", "DROP_PADDING_MASK", False)),
+    "h_recomputed": ("the MLP's blocked backward makes h for dA_down by the forward kernel again, as up to run 104, "
+                     "instead of taking it from the activation's backward kernel (h_out, written over dh)",
+                     lambda: _patch("fastlm.kernels.lora_mlp", "H_FROM_BACKWARD", False)),
     "copied_dx": ("each graphed layer's dx is copied out of the graphs' static buffer and back in by the next "
                   "layer, as up to run 76",
                   lambda: _patch("fastlm.training.layer_graphs", "LayerGraph.follows", lambda self, x: False)),

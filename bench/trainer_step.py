@@ -86,18 +86,24 @@ def profile_summary(starts, profiled_steps: int) -> dict:
     by_category = {}
     for e in device_events:
         by_category[category(e.name)] = by_category.get(category(e.name), 0.0) + e.device_time_total / 1000
-    text = io.StringIO()
+    text, callers = io.StringIO(), io.StringIO()
     pstats.Stats(starts.profiles[1], stream=text).sort_stats("cumulative").print_stats(45)
+    # who walks the module tree (nn.Module.parameters / named_parameters / named_modules / train) each step
+    pstats.Stats(starts.profiles[1], stream=callers).sort_stats("cumulative").print_callers(
+        r"module\.py.*\((parameters|named_parameters|named_modules|train)\)")
     return dict(wall_ms_profiled=round(wall_ms, 1), **idle_gaps(device_events, wall_ms, profiled_steps, top=20),
                 by_category={k: round(v / profiled_steps, 2) for k, v in sorted(by_category.items(),
                                                                                   key=lambda kv: -kv[1])},
-                launches_per_step=len(device_events) // profiled_steps, host_cprofile=text.getvalue())
+                launches_per_step=len(device_events) // profiled_steps, host_cprofile=text.getvalue(),
+                host_callers=callers.getvalue())
 
 
 def report_profile(summary: dict, host_chars: int = 6000) -> None:
-    """Print profile_summary's figures as one JSON line, then the head of its host cProfile table."""
-    print(json.dumps({k: v for k, v in summary.items() if k != "host_cprofile"}), flush=True)
+    """Print profile_summary's figures as one JSON line, then the head of its host cProfile table and the callers
+    of the module-tree walks."""
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("host_cprofile", "host_callers")}), flush=True)
     print(summary["host_cprofile"][:host_chars], flush=True)
+    print(summary["host_callers"][:host_chars], flush=True)
 
 
 def run(variant: str, path: str, fast: bool, batch: int, seq: int, steps: int, out_dir: str,

@@ -452,9 +452,10 @@ def test_offloaded_checkpointing_with_fused_lora(model_type, block_elements, tin
     assert len(blocks) == layers * (2 if model_type == "llama" else 1)
     per_layer = -(-rows // 7) if block_elements else 1
     assert all(len(b) == per_layer and b[-1].stop == rows for b in blocks)
-    # h = act(gate) * up per layer: first pass (per block), recomputation (not where the down projection is skipped
-    # and h A_down^T comes from the first pass's memo), and backward (for dA of down; per block where blocked).
-    assert len(activations) == layers * (2 * per_layer if model_type == "llama" else per_layer + 2)
+    # h = act(gate) * up by the forward kernel per layer: first pass (per block) and recomputation (not where the
+    # down projection is skipped and h A_down^T comes from the first pass's memo); backward takes h for dA of down
+    # from the activation's backward kernel (h_out), blocked or not.
+    assert len(activations) == layers * (per_layer if model_type == "llama" else per_layer + 1)
     set_gradient_checkpointing(model, False)
     _compare_models(_loss_and_grads(model, batch)[:2], offloaded)
 

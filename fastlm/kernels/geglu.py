@@ -98,6 +98,15 @@ def _gelu_and_grad(g, TANH: tl.constexpr, NR_ERFC: tl.constexpr):
 
 
 @triton.jit
+def _gelu(g, TANH: tl.constexpr, NR_ERFC: tl.constexpr):
+    """fp32 gelu(g), as the forward computes it (the backward's WRITE_H output uses it too, for the same bits)."""
+    if TANH:
+        return g * tl.sigmoid(1.5957691216057308 * g * (1.0 + 0.044715 * g * g))  # 2 * sqrt(2/pi)
+    else:
+        return g * _phi(g, NR_ERFC)
+
+
+@triton.jit
 def _geglu_fwd_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, n_col_blocks,
                       TANH: tl.constexpr, BLOCK: tl.constexpr, NR_ERFC: tl.constexpr):
     """Program p handles row p // n_col_blocks, columns [BLOCK * (p % n_col_blocks), + BLOCK)."""
@@ -107,18 +116,16 @@ def _geglu_fwd_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, n_col_block
     mask = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    if TANH:
-        act = g * tl.sigmoid(1.5957691216057308 * g * (1.0 + 0.044715 * g * g))  # 2 * sqrt(2/pi)
-    else:
-        act = g * _phi(g, NR_ERFC)
-    tl.store(Y + row * stride_y + cols, (act * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, (_gelu(g, TANH, NR_ERFC) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _geglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
-                      n_col_blocks, TANH: tl.constexpr, BLOCK: tl.constexpr, NR_ERFC: tl.constexpr):
-    """Same tiling as the forward. DG/DU may be G/U themselves: each element is read before it is
-    written, by the same program."""
+def _geglu_bwd_kernel(DY, G, U, DG, DU, H, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_h,
+                      n_col_blocks, TANH: tl.constexpr, BLOCK: tl.constexpr, NR_ERFC: tl.constexpr,
+                      WRITE_H: tl.constexpr):
+    """Same tiling as the forward. DG/DU may be G/U themselves, and H may be DY: each element is read before it
+    is written, by the same program. WRITE_H: also store y = gelu(g) * u into H, by the forward's _gelu (the
+    same bits as _geglu_fwd_kernel's)."""
     pid = tl.program_id(0)
     row = (pid // n_col_blocks).to(tl.int64)
     cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -129,6 +136,8 @@ def _geglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, s
     act, grad = _gelu_and_grad(g, TANH, NR_ERFC)
     tl.store(DG + row * stride_dg + cols, (dy * u * grad).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + cols, (dy * act).to(DU.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(H + row * stride_h + cols, (_gelu(g, TANH, NR_ERFC) * u).to(H.dtype.element_ty), mask=mask)
 
 
 def _block_for(n: int, approximate: str) -> int:
@@ -142,11 +151,12 @@ def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> tor
                           TANH=approximate == "tanh", NR_ERFC=NR_ERFC)
 
 
-def geglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str,
-                   inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace."""
+def geglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str, inplace: bool,
+                   h_out: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace. h_out (may
+    be dy itself): also receives y = gelu(gate) * up, as geglu_forward makes it (see _gated.backward)."""
     return _gated.backward(_geglu_bwd_kernel, dy, gate, up, inplace, _block_for(gate.shape[-1], approximate),
-                           NUM_WARPS, TANH=approximate == "tanh", NR_ERFC=NR_ERFC)
+                           NUM_WARPS, h_out=h_out, TANH=approximate == "tanh", NR_ERFC=NR_ERFC)
 
 
 class GeGLUFunction(torch.autograd.Function):

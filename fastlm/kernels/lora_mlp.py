@@ -4,12 +4,13 @@ The gated MLP (`lora_mlp`), Llama-style or Phi-3's fused gate_up_proj:
     gate, up = x Wg^T + .., x Wu^T + ..      (M, I) each (Phi-3: one (M, 2I) projection, split in half)
     h = act(gate, up)                        silu(gate) * up, or gelu(gate) * up (tanh form for Gemma)
     y = h Wd^T + sd * (h Ad^T) Bd^T          (M, H)
-It saves x, gate, up and the rank-r products; h is recomputed in backward from gate and up (one
-elementwise pass) instead of being saved. Recomputing gate and up from x instead would cost two of the
-three big matmuls (+ their dequantization) again in backward, about +40% of the MLP's backward FLOPs, to
-save 2 x (M, I) activations: saving them is the better trade. The activation backward writes dgate/dup into
-the saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks at 3 x (M, I) (gate,
-up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
+It saves x, gate, up and the rank-r products; h, which only the down LoRA's dA needs, is not saved: the
+activation's backward kernel writes it over dh, whose elements it has just read (`h_out`): one more store in a
+pass that runs anyway instead of a second elementwise pass over gate and up. Recomputing gate and up from x
+instead would cost two of the three big matmuls (+ their dequantization) again in backward, about +40% of the
+MLP's backward FLOPs, to save 2 x (M, I) activations: saving them is the better trade. The activation backward
+writes dgate/dup into the saved gate/up storage (in place, `inplace_backward=True`), so the backward peaks at
+3 x (M, I) (gate, up, dh) instead of 5; that makes the node single-use: backpropagating it twice raises.
 Under gradient checkpointing the trade is another: the recomputation runs the MLP only to build this node
 for backward, right before it, so making gate and up there or in backward costs the same FLOPs. There
 (`output_feeds_residual`, in a `reuse_casts(..., recomputing=True)` block) the node saves x only, and
@@ -59,16 +60,20 @@ def activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) ->
     return geglu.geglu_forward(gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
-def activation_backward(dh, gate, up, activation: str, inplace: bool):
-    """(dgate, dup) of h = act(gate) * up; written into gate's / up's storage when inplace."""
+def activation_backward(dh, gate, up, activation: str, inplace: bool, h_out=None):
+    """(dgate, dup) of h = act(gate) * up; written into gate's / up's storage when inplace. h_out (M, I), which may
+    be dh itself: h written there as well, as activation_forward makes it (one pass instead of a second kernel)."""
     if not use_triton(dh, gate, up):
         with torch.enable_grad():
             g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            dg, du = torch.autograd.grad(_activation_reference(g, u, activation), (g, u), dh)
+            h = _activation_reference(g, u, activation)
+            dg, du = torch.autograd.grad(h, (g, u), dh)
+        if h_out is not None:
+            h_out.copy_(h)
         return (gate.copy_(dg), up.copy_(du)) if inplace else (dg, du)
     if activation == "silu":
-        return swiglu.swiglu_backward(dh, gate, up, inplace)
-    return geglu.geglu_backward(dh, gate, up, "tanh" if activation == "gelu_tanh" else "none", inplace)
+        return swiglu.swiglu_backward(dh, gate, up, inplace, h_out=h_out)
+    return geglu.geglu_backward(dh, gate, up, "tanh" if activation == "gelu_tanh" else "none", inplace, h_out=h_out)
 
 
 # Rows of one block of the MLP under gradient checkpointing, in its first pass (_mlp_forward_by_rows) and in the
@@ -82,6 +87,12 @@ def activation_backward(dh, gate, up, activation: str, inplace: bool):
 # issue 4 need) for 1-3% of step time. (Measured with the backward blocked only; blocking the first pass too took
 # the pool to 0.46 GiB in run 31.)
 MLP_ROW_BLOCK_ELEMENTS = 2 ** 24
+
+
+# Off: the blocked backward (_mlp_backward_by_rows) makes h for dA_down by a second pass of the forward kernel over
+# gate and up, as up to run 104 (bench/train_step.py --h-recomputed measures it), instead of taking it from the
+# activation's backward (h_out).
+H_FROM_BACKWARD = True
 
 
 def _row_blocks(m: int, inner: int) -> list:
@@ -150,8 +161,8 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     where the recomputation and backward of the unblocked node take 5); dequantized again for each block instead,
     they cost about 1.4 ms per extra block per step at Llama-3.2-1B QLoRA (bench/RESULTS.md run 26).
 
-    Per block: gate | up (M_b, 2I); h = act (for dA_down, made and dropped); dh = dy W_d + (dy s_d B_d) A_d; the
-    activation's backward writes dgate | dup over gate | up; dx, (d s B) and the dB of the in-projections from it.
+    Per block: gate | up (M_b, 2I); dh = dy W_d + (dy s_d B_d) A_d; the activation's backward writes dgate | dup
+    over gate | up and h over dh (for dA_down); dx, (d s B) and the dB of the in-projections from dgate | dup.
     dA_down and dB_in are sums over blocks (each block's product rounded to the compute dtype once, summed in
     fp32); dA_in and dB_down are one GEMM each over all rows from the (M, r)-sized factors kept across blocks."""
     n_in, (m, k), inner = len(in_bases), x2.shape, down_base.shape[1]
@@ -172,12 +183,16 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     for rows in _row_blocks(m, inner):
         y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         gate, up = y_in.chunk(2, dim=-1)
-        if da_down is not None:
+        h_from_backward = da_down is not None and need_dh and H_FROM_BACKWARD
+        if da_down is not None and not h_from_backward:
             da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
         if not need_dh:
             continue
         dh = down_grad(dy2[rows], None if dyb_down is None else dyb_down[rows])
-        activation_backward(dh, gate, up, activation, inplace=True)   # y_in now holds dgate | dup
+        # y_in now holds dgate | dup, and dh (read first) h, where dA_down needs it
+        activation_backward(dh, gate, up, activation, inplace=True, h_out=dh if h_from_backward else None)
+        if h_from_backward:
+            da_down += dyb_down[rows].T @ dh
         del dh
         if db_in is not None:
             db_in += y_in.T @ xa_all[rows]
@@ -260,15 +275,20 @@ class _MLPFn(torch.autograd.Function):
                 dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
                 return (dx, None, None, None, None, None, None, None, *grads)
             gate, up = y_in.chunk(2, dim=-1)
-            # h is needed only for dA of down: recomputed from gate and up, used, dropped (before the in-place
-            # activation backward below overwrites them).
+            # h is needed only for dA of down. With dh made (need_dh), the activation's backward writes h over dh
+            # (as the blocked backward does); else h is recomputed from gate and up by the forward kernel.
+            fuse_h = need_dh and need_a[n_in]
+            dyb_down = dy2 @ b_down if fuse_h else None
             (dA_down,), (dB_down,), dh = _backward_group(
                 dy2, lambda: activation_forward(gate, up, ctx.activation), ha, a_down, b_down, [ctx.down_base],
-                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, need_a[n_in:], need_b[n_in:],
-                input_grad=lambda dy, dyb: _DownGrad(ctx.down_base, a_down, dtype)(dy, dyb))  # as blocked
+                As[n_in:], Bs[n_in:], scales[n_in:], dtype, need_dh, [need_a[n_in] and not fuse_h], need_b[n_in:],
+                input_grad=lambda dy, dyb: _DownGrad(ctx.down_base, a_down, dtype)(dy, dyb), dyb=dyb_down)  # as blocked
             dAs, dBs, dx = [None] * n_in, [None] * n_in, None
             if need_dh:
-                dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace)
+                dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace,
+                                                 h_out=dh if fuse_h else None)
+                if fuse_h:
+                    (dA_down,) = _split_da(dyb_down.T @ dh, As[n_in:], [True])
                 del dh
                 d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
                 gate_up = _GateUp(ctx.in_bases, As[:n_in], b_bd, dtype, hold=False) if need[0] else None

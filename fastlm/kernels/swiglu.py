@@ -57,10 +57,11 @@ def _swiglu_fwd_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, n_col_bloc
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
-                       n_col_blocks, BLOCK: tl.constexpr):
-    """Same tiling as the forward. DG/DU may be G/U themselves: each element is read before it is
-    written, by the same program."""
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, H, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_h,
+                       n_col_blocks, BLOCK: tl.constexpr, WRITE_H: tl.constexpr):
+    """Same tiling as the forward. DG/DU may be G/U themselves, and H may be DY: each element is read before it
+    is written, by the same program. WRITE_H: also store y = silu(g) * u into H, the forward's expression
+    (g * s) * u in the same order, so the same bits as _swiglu_fwd_kernel's."""
     pid = tl.program_id(0)
     row = (pid // n_col_blocks).to(tl.int64)
     cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -73,6 +74,8 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_cols, stride_dy, stride_g, stride_u, 
     dg = dy * u * s * (1.0 + g * (1.0 - s))
     tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(H + row * stride_h + cols, (g * s * u).to(H.dtype.element_ty), mask=mask)
 
 
 def _block_for(n: int) -> int:
@@ -85,10 +88,12 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _gated.forward(_swiglu_fwd_kernel, gate, up, _block_for(gate.shape[-1]), NUM_WARPS)
 
 
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace."""
-    return _gated.backward(_swiglu_bwd_kernel, dy, gate, up, inplace, _block_for(gate.shape[-1]), NUM_WARPS)
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, inplace: bool,
+                    h_out: torch.Tensor = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host wrapper: (dgate, dup), shaped like gate/up; written into gate's/up's storage when inplace. h_out (may
+    be dy itself): also receives y = silu(gate) * up, as swiglu_forward makes it (see _gated.backward)."""
+    return _gated.backward(_swiglu_bwd_kernel, dy, gate, up, inplace, _block_for(gate.shape[-1]), NUM_WARPS,
+                           h_out=h_out)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -34,3 +34,20 @@ def check(reference, gate, up, dy, y, dgate, dup, tol, name):
     assert_no_worse_than_reference(y, y_ref, y64, name=f"{name} y", **tol)
     assert_no_worse_than_reference(dgate, dg_ref, dg64, name=f"{name} dgate", **tol)
     assert_no_worse_than_reference(dup, du_ref, du64, name=f"{name} dup", **tol)
+
+
+def check_h_out(forward, backward, dtype, device):
+    """backward(dy, gate, up, inplace, h_out=dy) on gate | up as the strided halves of one (M, 2N) tensor, as the
+    fused LoRA MLP calls it: the same dgate / dup as without h_out, and in dy's storage forward(gate, up) to the bit
+    (the kernels compute y by one expression in the same order). Odd M and N, so masked tails are covered."""
+    gate_up, _, _ = inputs((37, 2 * 301), dtype, device, seed=11)
+    _, _, dy = inputs((37, 301), dtype, device, seed=12)
+    y = forward(*gate_up.chunk(2, dim=-1))
+    expected = backward(dy.clone(), *gate_up.clone().chunk(2, dim=-1), False)
+    for inplace in (False, True):
+        work, dh = gate_up.clone(), dy.clone()
+        dgate, dup = backward(dh, *work.chunk(2, dim=-1), inplace, h_out=dh)
+        assert torch.equal(dgate, expected[0]) and torch.equal(dup, expected[1]), inplace
+        assert torch.equal(dh, y), f"h written by the backward differs from the forward's (inplace={inplace})"
+    with pytest.raises(ValueError, match="h_out must be shaped like gate"):
+        backward(dy, *gate_up.chunk(2, dim=-1), False, h_out=dy[:, :300])

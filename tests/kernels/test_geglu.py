@@ -6,7 +6,7 @@ from transformers.activations import ACT2FN
 
 from fastlm.kernels import geglu as op
 from tests.kernels.check import ULP, assert_no_worse_than_reference
-from tests.kernels.gated import check, inputs, poison  # noqa: F401 (poison is a fixture)
+from tests.kernels.gated import check, check_h_out, inputs, poison  # noqa: F401 (poison is a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATIONS = ["none", "tanh"]
@@ -84,6 +84,15 @@ def test_fused_gate_up_chunks(device, poison):
     (d_leaf,) = torch.autograd.grad(y, leaf, dy)
     dgate, dup = d_leaf.chunk(2, dim=-1)
     _check(gate_up[..., :200], gate_up[..., 200:], dy, y, dgate, dup, "tanh", "chunks")
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_also_writes_forward_output(dtype, approximate, device):
+    """h_out: the fused LoRA MLP takes y for the down projection's dA from the backward pass, over dy."""
+    check_h_out(lambda gate, up: op.geglu_forward(gate, up, approximate),
+                lambda dy, gate, up, inplace, h_out=None: op.geglu_backward(dy, gate, up, approximate, inplace, h_out),
+                dtype, device)
 
 
 def test_no_grad_and_bad_argument(device):

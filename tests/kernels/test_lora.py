@@ -214,10 +214,11 @@ def test_mlp_fp32(activation, n_in, with_lora, inplace, device):
     _check_mlp(y, _grads([y], params, [up]), x, in_bases, in_loras, down, down_lora, activation, up, torch.float32)
 
 
-def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkeypatch):
-    """The down projection's backward recomputes the hidden state h (M, I) for dA_down; h must be freed before dx
-    (another (M, I)) is made: kept alive, it raised Llama-3.2-1B QLoRA's peak by 128 MiB (bench/RESULTS.md run
-    17). Every h is recorded by a weak reference; the down weight checks the newest one when backward asks for it."""
+def test_mlp_backward_makes_no_second_hidden_state(device, monkeypatch):
+    """The down projection's dA needs the hidden state h (M, I) in backward: the activation's backward writes it over
+    dh (h_out), so backward makes no h of its own beside dh and dgate | dup. (A recomputed h that stayed alive until
+    dx was made raised Llama-3.2-1B QLoRA's peak by 128 MiB: bench/RESULTS.md run 17.) Every h the forward kernel
+    makes is recorded by a weak reference; the down weight checks the newest one when backward asks for it."""
     made = []
     activation_forward = mlp.activation_forward
 
@@ -243,7 +244,7 @@ def test_mlp_backward_frees_the_recomputed_hidden_state_before_dx(device, monkey
     y = mlp.lora_mlp(x, in_bases, in_loras, down, _lora(24, 40, 4, device, gen), "silu")
     down.in_backward = True
     y.sum().backward()
-    assert len(made) == 2 and down.h_alive == [False]  # h made twice (forward, backward), gone when dx is made
+    assert len(made) == 1 and down.h_alive == [False]  # h made by the forward only, gone when backward runs
 
 
 def test_mlp_without_triton_matches(device, monkeypatch):
@@ -550,6 +551,27 @@ def test_mlp_unblocked_and_checkpointed_agree_to_the_bit(activation, n_in, with_
     y_first, checkpointed = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)
     assert torch.equal(y_first, y)
     assert len(unblocked) == len(checkpointed) and all(torch.equal(a, b) for a, b in zip(unblocked, checkpointed))
+
+
+@pytest.mark.parametrize("activation", mlp.ACTIVATIONS)
+def test_mlp_h_from_activation_backward_changes_no_bit(activation, device, monkeypatch):
+    """The blocked backward takes h for dA_down from the activation's backward kernel (written over dh) instead of
+    a second pass of the forward kernel (H_FROM_BACKWARD off, as before run 104): both kernels compute h by one
+    expression in one order, so every gradient is the same to the bit, here over 3 blocks of rows in bf16 with
+    LoRA on all three projections."""
+    _record_row_blocks(7 * 40, monkeypatch)
+    gen = torch.Generator().manual_seed(13)
+    h, i = 64, 40
+    in_bases, down = [_dense(i, h, torch.bfloat16, device, gen=gen) for _ in range(2)], \
+        _dense(h, i, torch.bfloat16, device, gen=gen)
+    in_loras, down_lora = [_lora(i, h, 4, device, gen) for _ in range(2)], _lora(h, i, 4, device, gen)
+    x = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    upstream = torch.randn(3, 5, h, generator=gen).to(device, torch.bfloat16)
+    grads = {}
+    for from_backward in (True, False):
+        monkeypatch.setattr(mlp, "H_FROM_BACKWARD", from_backward)
+        grads[from_backward] = _checkpointing_passes(x, in_bases, in_loras, down, down_lora, activation, upstream)[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
 def _fold_errors(h: int, i: int, rows: int, device, monkeypatch) -> dict:

@@ -5,7 +5,7 @@ from transformers.activations import ACT2FN
 
 from fastlm.kernels import swiglu as op
 from tests.kernels.check import ULP, assert_no_worse_than_reference
-from tests.kernels.gated import check, inputs, poison  # noqa: F401 (poison is a fixture)
+from tests.kernels.gated import check, check_h_out, inputs, poison  # noqa: F401 (poison is a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -67,6 +67,12 @@ def test_fused_gate_up_chunks(device, poison, inplace_backward):
     (d_leaf,) = torch.autograd.grad(y, leaf, dy)
     dgate, dup = d_leaf.chunk(2, dim=-1)
     _check(gate_up[..., :200], gate_up[..., 200:], dy, y, dgate, dup, "chunks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_also_writes_forward_output(dtype, device):
+    """h_out: the fused LoRA MLP takes y for the down projection's dA from the backward pass, over dy."""
+    check_h_out(op.swiglu_forward, op.swiglu_backward, dtype, device)
 
 
 def test_no_grad_and_single_grad(device):
