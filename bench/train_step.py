@@ -262,7 +262,7 @@ ABLATIONS = {
     "padding_mask": ("a right-padded batch whose padding carries no labels keeps its attention mask, as up to "
                      "run 96, instead of running as a causal batch without it",
                      lambda: _patch("fastlm.models.causal_lm", "DROP_PADDING_MASK", False)),
-    "h_recomputed": ("the MLP's blocked backward makes h for dA_down by the forward kernel again, as up to run 104, "
+    "h_recomputed": ("the MLP's blocked backward makes h for dA_down by the forward kernel again, as up to run 105, "
                      "instead of taking it from the activation's backward kernel (h_out, written over dh)",
                      lambda: _patch("fastlm.kernels.lora_mlp", "H_FROM_BACKWARD", False)),
     "copied_dx": ("each graphed layer's dx is copied out of the graphs' static buffer and back in by the next "

@@ -90,7 +90,7 @@ MLP_ROW_BLOCK_ELEMENTS = 2 ** 24
 
 
 # Off: the blocked backward (_mlp_backward_by_rows) makes h for dA_down by a second pass of the forward kernel over
-# gate and up, as up to run 104 (bench/train_step.py --h-recomputed measures it), instead of taking it from the
+# gate and up, as up to run 105 (bench/train_step.py --h-recomputed measures it), instead of taking it from the
 # activation's backward (h_out).
 H_FROM_BACKWARD = True
 

@@ -556,7 +556,7 @@ def test_mlp_unblocked_and_checkpointed_agree_to_the_bit(activation, n_in, with_
 @pytest.mark.parametrize("activation", mlp.ACTIVATIONS)
 def test_mlp_h_from_activation_backward_changes_no_bit(activation, device, monkeypatch):
     """The blocked backward takes h for dA_down from the activation's backward kernel (written over dh) instead of
-    a second pass of the forward kernel (H_FROM_BACKWARD off, as before run 104): both kernels compute h by one
+    a second pass of the forward kernel (H_FROM_BACKWARD off, as before run 106): both kernels compute h by one
     expression in one order, so every gradient is the same to the bit, here over 3 blocks of rows in bf16 with
     LoRA on all three projections."""
     _record_row_blocks(7 * 40, monkeypatch)
