@@ -53,8 +53,8 @@ def backward(kernel, dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, inp
         dg, du = alloc((m, n), gate.dtype, gate.device), alloc((m, n), up.dtype, up.device)
     h2 = None
     if h_out is not None:
-        h2 = h_out.view(m, n) if h_out.shape == gate.shape and h_out.dtype == gate.dtype else None
-        if h2 is None or h2.stride(1) != 1:
+        h2 = h_out.reshape(m, n) if h_out.shape == gate.shape and h_out.dtype == gate.dtype else None
+        if h2 is None or h2.data_ptr() != h_out.data_ptr() or h2.stride(1) != 1:  # a copy would not reach h_out
             raise ValueError(f"h_out must be shaped like gate {tuple(gate.shape)} ({gate.dtype}) with unit column "
                              f"stride, got {tuple(h_out.shape)} ({h_out.dtype})")
     if dg.numel():

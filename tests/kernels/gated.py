@@ -49,5 +49,6 @@ def check_h_out(forward, backward, dtype, device):
         dgate, dup = backward(dh, *work.chunk(2, dim=-1), inplace, h_out=dh)
         assert torch.equal(dgate, expected[0]) and torch.equal(dup, expected[1]), inplace
         assert torch.equal(dh, y), f"h written by the backward differs from the forward's (inplace={inplace})"
-    with pytest.raises(ValueError, match="h_out must be shaped like gate"):
-        backward(dy, *gate_up.chunk(2, dim=-1), False, h_out=dy[:, :300])
+    for wrong in (dy[:, :300], gate_up[:, 1::2]):  # another shape; gate's shape but no unit column stride
+        with pytest.raises(ValueError, match="h_out must be shaped like gate"):
+            backward(dy, *gate_up.chunk(2, dim=-1), False, h_out=wrong)
