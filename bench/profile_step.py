@@ -83,11 +83,23 @@ def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12)
     histogram = dict.fromkeys(labels, 0.0)
     for us, _, _ in gaps:
         histogram[labels[sum(us >= edge for edge in edges)]] += us / 1000 / profiled_steps
+    # The waits of 0.1-1 ms (the host behind the GPU for a moment: a sync, a launch-heavy stretch) summed by the
+    # pair of kernels around them, so that a wait repeated in every layer or step shows up as one place.
+    places = {}
+    for us, after, before in gaps:
+        if 100 <= us < 1000:
+            key = (after[:60], before[:60])
+            total, count = places.get(key, (0.0, 0))
+            places[key] = (total + us, count + 1)
+    waits = sorted(places.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(compute_busy_ms=round(busy / 1000 / profiled_steps, 1),
                 compute_idle_ms=round(wall_ms - busy / 1000 / profiled_steps, 1),
                 gap_count_per_step=round(len(gaps) / profiled_steps),
                 idle_ms_by_gap={k: round(v, 2) for k, v in histogram.items()},
-                longest_gaps=[dict(us=round(us, 1), after=a[:70], before=b[:70]) for us, a, b in gaps[:top]])
+                longest_gaps=[dict(us=round(us, 1), after=a[:70], before=b[:70]) for us, a, b in gaps[:top]],
+                waits_by_place=[dict(ms_per_step=round(total / 1000 / profiled_steps, 2),
+                                     per_step=round(count / profiled_steps, 1), after=after, before=before)
+                                for (after, before), (total, count) in waits])
 
 
 def memory_phases(model, ids, optimizer) -> dict:
