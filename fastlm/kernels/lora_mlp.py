@@ -180,10 +180,10 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     # Each weight materialized once for all blocks (gate | up: _GateUp; down: _DownGrad).
     gate_up = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=True)
     down_grad = _DownGrad(down_base, a_down, dtype) if need_dh else None
+    h_from_backward = da_down is not None and need_dh and H_FROM_BACKWARD  # h for dA_down written over dh
     for rows in _row_blocks(m, inner):
         y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         gate, up = y_in.chunk(2, dim=-1)
-        h_from_backward = da_down is not None and need_dh and H_FROM_BACKWARD
         if da_down is not None and not h_from_backward:
             da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
         if not need_dh:
