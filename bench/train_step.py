@@ -259,9 +259,6 @@ ABLATIONS = {
     "recomputed_attention": ("the recomputation runs each layer's attention forward again, as up to run 80, instead "
                              "of taking the output and log-sum-exp its forward saved (offloaded with the layer input)",
                              lambda: _patch("fastlm.models.saved_attention", "ENABLED", False)),
-    "recomputed_qkv": ("the recomputation runs q/k/v's projections again, as up to run 110, instead of taking the "
-                       "outputs the forward kept (offloaded with the layer input)",
-                       lambda: _patch("fastlm.training.fused_lora", "KEEP_QKV", False)),
     "padding_mask": ("a right-padded batch whose padding carries no labels keeps its attention mask, as up to "
                      "run 96, instead of running as a causal batch without it",
                      lambda: _patch("fastlm.models.causal_lm", "DROP_PADDING_MASK", False)),

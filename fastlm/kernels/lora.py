@@ -545,20 +545,15 @@ def _pairs(adapters, n):
 
 class _ProjectionsFn(torch.autograd.Function):
     """Several LoRA projections of one input (q, k, v; or one projection alone). Inputs after x:
-    bases (FrozenWeight list), scales, given (the outputs, already made: see `_kept_outputs`; or None), then
-    A0, B0, A1, B1, ... (None where a projection has no LoRA)."""
+    bases (FrozenWeight list), scales, then A0, B0, A1, B1, ... (None where a projection has no LoRA)."""
 
     @staticmethod
-    def forward(ctx, x, bases, scales, given, *adapters):
+    def forward(ctx, x, bases, scales, *adapters):
         dtype = _compute_dtype(x)
         As, Bs = _pairs(adapters, len(bases))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            if given is None:
-                ys, xa_all, a_all, b_bd = _forward_group(x2, bases, As, Bs, scales, dtype)
-            else:  # only what backward needs: x A^T from the memo, the stacked A and block-diagonal s B
-                xa_all, a_all, b_bd = _lora_terms(x2, x2.shape[0], bases, As, Bs, scales, dtype)
-                ys = given
+            ys, xa_all, a_all, b_bd = _forward_group(x2, bases, As, Bs, scales, dtype)
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_shape, ctx.x_dtype = bases, scales, dtype, x.shape, x.dtype
         ctx.save_for_backward(x2, xa_all, a_all, b_bd, *adapters)   # None where there is no LoRA
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
@@ -586,10 +581,10 @@ class _ProjectionsFn(torch.autograd.Function):
                 def input_grad(d_all, dyb):  # [d_all | dyb] is d_wide already; the stack in workspace slot 0
                     return d_wide @ _stacked_weight(ctx.bases, a_all, ctx.dtype, slot=0)
             dAs, dBs, dx = _backward_group(d_all, x2, xa_all, a_all, b_bd, ctx.bases, As, Bs, ctx.scales, ctx.dtype,
-                                           need[0], [need[4 + 2 * i] for i in range(n)],
-                                           [need[5 + 2 * i] for i in range(n)], input_grad=input_grad, dyb=dyb)
+                                           need[0], [need[3 + 2 * i] for i in range(n)],
+                                           [need[4 + 2 * i] for i in range(n)], input_grad=input_grad, dyb=dyb)
         dx = None if dx is None else dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
+        return (dx, None, None, *[g for pair in zip(dAs, dBs) for g in pair])
 
 
 def _flat_adapters(loras: Sequence[Optional[LoRA]]) -> list:
@@ -599,44 +594,13 @@ def _flat_adapters(loras: Sequence[Optional[LoRA]]) -> list:
     return flat
 
 
-# ---- outputs kept for the recomputation (keep_outputs) ------------------------------------------------------
-#
-# Under offloaded checkpointing a layer's recomputation runs q/k/v's projections again only to rebuild the autograd
-# graph: their backward needs x, x A^T (memo) and the LoRA matrices, never the outputs, which the recomputation
-# needs as values only (RoPE, then the attention's backward: fastlm/models/saved_attention.py). With keep_outputs
-# the checkpoint's forward pass (no grad) appends its outputs to memo[SAVED_FOR_RECOMPUTATION], which travels with
-# the layer input (pinned host memory on a GPU), and the recomputation's node returns them instead of running the
-# GEMMs: the same values to the bit, the same backward. A recomputation that finds nothing saved for its call (a
-# layer run twice before one backward) computes them.
-# Where: the q/k/v group (fastlm.training.fused_lora.KEEP_QKV). Cost and gain: bench/RESULTS.md run 111.
-
-
-def _kept_outputs(memo: dict, index: int, x: torch.Tensor, bases) -> Optional[list]:
-    """The forward pass's outputs for this call (index: call_index of "projections"), or None when nothing of the
-    right shapes was saved."""
-    found = memo.get(("projections", index))
-    saved = memo.get(SAVED_FOR_RECOMPUTATION, [])
-    if found is None or len(saved) < found + len(bases):
-        return None
-    given = saved[found:found + len(bases)]
-    dtype = _compute_dtype(x)
-    for y, base in zip(given, bases):
-        if tuple(y.shape) != (*x.shape[:-1], base.shape[0]) or y.dtype != dtype or y.device != x.device:
-            return None
-    return given
-
-
-def lora_projections(x: torch.Tensor, bases: Sequence, loras: Sequence[Optional[LoRA]],
-                     keep_outputs: bool = False) -> tuple:
+def lora_projections(x: torch.Tensor, bases: Sequence, loras: Sequence[Optional[LoRA]]) -> tuple:
     """y_i = x W_i^T (+ b_i) + s_i (x A_i^T) B_i^T for each projection, as one autograd node.
 
     Args:
         x: (..., K) activations (fp32/fp16/bf16).
         bases: FrozenWeight per projection, shape (N_i, K); never receives a gradient.
         loras: LoRA per projection, or None for a projection without an adapter.
-        keep_outputs: under offloaded checkpointing, the layer's forward pass keeps the outputs for its
-            recomputation, which takes them instead of computing them again (see the block above); elsewhere
-            no effect. The outputs must then not be modified in place.
     Returns:
         tuple of (..., N_i) tensors in the compute dtype (x's, or the autocast dtype).
     """
@@ -646,18 +610,4 @@ def lora_projections(x: torch.Tensor, bases: Sequence, loras: Sequence[Optional[
     for base in bases:
         if base.shape[1] != x.shape[-1]:
             raise ValueError(f"x has {x.shape[-1]} features but a base weight is {base.shape} (N, K)")
-    memo, recomputing = checkpoint_memo() if keep_outputs else (None, False)
-    index = given = None
-    if memo is not None:
-        index = call_index(memo, "projections")
-        if recomputing:
-            given = _kept_outputs(memo, index, x, bases)
-        elif torch.is_grad_enabled():  # not the checkpoint's first pass (that runs without grad)
-            memo = None
-    outputs = _ProjectionsFn.apply(x, list(bases), [lo.scale if lo else 0.0 for lo in loras], given,
-                                   *_flat_adapters(loras))
-    if memo is not None and not recomputing:
-        saved = memo.setdefault(SAVED_FOR_RECOMPUTATION, [])
-        memo[("projections", index)] = len(saved)
-        saved += list(outputs)
-    return outputs
+    return _ProjectionsFn.apply(x, list(bases), [lo.scale if lo else 0.0 for lo in loras], *_flat_adapters(loras))

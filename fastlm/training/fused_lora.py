@@ -38,12 +38,6 @@ _MARK = "_fastlm_fused_lora"          # set on every module whose forward we own
 _PREVIOUS = "_fastlm_previous_forward"  # the forward it had before (PEFT's, or another fastlm patch)
 _DESCRIBED = "_fastlm_described"        # (state key, describe_projection's answer) kept on each projection
 
-# q/k/v's outputs kept from a checkpointed layer's forward for its recomputation (lora_projections' keep_outputs),
-# which then skips their GEMMs: at Llama-3.2-1B batch 4 x 2048, 48 MiB per layer more in pinned host memory and
-# over PCIe for ~0.18 ms of GEMMs per layer; bench/RESULTS.md run 111. Off: recomputed as before
-# (bench/train_step.py --recomputed-qkv).
-KEEP_QKV = True
-
 
 def _bnb_classes():
     try:
@@ -215,21 +209,17 @@ def _fused_mlp_forward(self, *args, **kwargs):
 
 
 def _project_qkv(self, hidden_states):
-    """fastlm_project_qkv: hidden_states (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd), one fused node (its
-    outputs kept for the recomputation under offloaded checkpointing: KEEP_QKV)."""
-    fused = ("qkv_proj",) if hasattr(self, "qkv_proj") else ("q_proj", "k_proj", "v_proj")
-    modules = [getattr(self, name) for name in fused]
+    """fastlm_project_qkv: hidden_states (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd), one fused node."""
+    if hasattr(self, "qkv_proj"):  # Phi-3: one projection (itself fused), split as Phi3Attention splits it
+        qkv = self.qkv_proj(hidden_states)
+        q_size = self._fastlm_q_size
+        kv_size = (qkv.shape[-1] - q_size) // 2
+        return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+    modules = (self.q_proj, self.k_proj, self.v_proj)
     described = [describe_projection(m) for m in modules]
     if _generating(self) or any(reason for _, _, reason in described):
-        outputs = tuple(m(hidden_states) for m in modules)
-    else:
-        outputs = lora_projections(hidden_states, [d[0] for d in described], [d[1] for d in described],
-                                   keep_outputs=KEEP_QKV)
-    if len(outputs) == 3:
-        return outputs
-    qkv, q_size = outputs[0], self._fastlm_q_size  # Phi-3: split as Phi3Attention splits it
-    kv_size = (qkv.shape[-1] - q_size) // 2
-    return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        return tuple(m(hidden_states) for m in modules)
+    return lora_projections(hidden_states, [d[0] for d in described], [d[1] for d in described])
 
 
 def detect_activation(act_fn) -> str:
