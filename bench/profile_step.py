@@ -102,6 +102,63 @@ def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12)
                                 for (after, before), (total, count) in waits])
 
 
+def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: float = 100.0) -> dict:
+    """Why the GPU waited, from the profiler's chrome trace: for each of the `top` longest gaps between compute
+    kernels (copies and memsets left out, as in idle_gaps) of at least min_us, when the host launched the kernel
+    that ended it and what the host was doing meanwhile.
+
+    Per gap: us (its length), after / before (the kernels around it), launch_us (when the host's launch call of the
+    kernel after it, matched by correlation id, started, from the gap's start: near the gap's length, the GPU waited
+    for the host; negative, the kernel was queued before the gap began and the GPU waited for something else, a
+    stream or event wait), launched_in (the host ops enclosing that launch, outermost first), host_busy (the host ops
+    and runtime calls overlapping the gap on the launching thread, longest overlap first, with their overlap in us).
+    Also the gaps' total per step by whether the host was late (launch_us > 0.5 x us) or not."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation", "python_function")]
+    gaps, end, last = [], None, None
+    for e in kernels:
+        if e["name"].lower().startswith(("memcpy", "memset")):
+            continue
+        if end is not None and e["ts"] - end >= min_us:
+            gaps.append((e["ts"] - end, end, last, e))
+        if end is None or e["ts"] + e["dur"] > end:
+            end, last = e["ts"] + e["dur"], e
+    late_ms = waited_ms = 0.0
+    rows = []
+    for us, start, after, before in sorted(gaps, key=lambda g: -g[0]):
+        launch = runtime.get(before.get("args", {}).get("correlation"))
+        launch_us = None if launch is None else launch["ts"] - start
+        if launch_us is not None and launch_us > 0.5 * us:
+            late_ms += us / 1000 / profiled_steps
+        else:
+            waited_ms += us / 1000 / profiled_steps
+        if len(rows) >= top:
+            continue
+        thread = None if launch is None else launch["tid"]
+        enclosing = [] if launch is None else sorted(
+            (h for h in host if h["tid"] == thread and h["cat"] != "cuda_runtime"
+             and h["ts"] <= launch["ts"] <= h["ts"] + h["dur"]),
+            key=lambda h: (h["ts"], -h["dur"]))
+        busy = []
+        for h in host:
+            if thread is not None and h["tid"] != thread:
+                continue
+            overlap = min(h["ts"] + h["dur"], start + us) - max(h["ts"], start)
+            if overlap > 0.2 * us and h["dur"] < 50 * us:  # leave out the whole-step ranges
+                busy.append((overlap, h["name"]))
+        busy.sort(key=lambda b: -b[0])
+        rows.append(dict(us=round(us, 1), after=after["name"][:70], before=before["name"][:70],
+                         launch_us=None if launch_us is None else round(launch_us, 1),
+                         launched_in=[h["name"][:60] for h in enclosing][-6:],
+                         host_busy=[f"{name[:60]} {overlap:.0f}" for overlap, name in busy[:8]]))
+    return dict(gaps_over_min_per_step=round(len(gaps) / profiled_steps, 1),
+                host_late_ms_per_step=round(late_ms, 2), gpu_waited_ms_per_step=round(waited_ms, 2), gaps=rows)
+
+
 def memory_phases(model, ids, optimizer) -> dict:
     """GiB allocated before, and peak during, each phase of one step."""
     gib = 2.0 ** 30
@@ -139,7 +196,7 @@ def timeline(device_events, profiled_steps: int) -> list:
     return rows
 
 
-def profile(impl, variant, path, batch, seq, profiled_steps=2, with_timeline=False) -> dict:
+def profile(impl, variant, path, batch, seq, profiled_steps=2, with_timeline=False, trace_dir=None) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -184,6 +241,11 @@ def profile(impl, variant, path, batch, seq, profiled_steps=2, with_timeline=Fal
                   host_ops=[dict(name=e.key[:100], self_cpu_ms=round(e.self_cpu_time_total / 1000 / profiled_steps, 2),
                                  calls=e.count // profiled_steps) for e in host_ops],
                   memory_gib=dict(load_peak=round(load_peak, 3), static_after_load=round(static, 3), **phases))
+    if trace_dir is not None:
+        trace = os.path.join(trace_dir, f"trace_{impl}.json")
+        prof.export_chrome_trace(trace)
+        result["gap_causes"] = gap_causes(trace, profiled_steps)
+        os.remove(trace)  # tens of MB per step
     if with_timeline:
         result["timeline"] = timeline([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA],
                                       profiled_steps)
@@ -199,6 +261,8 @@ def main():
     parser.add_argument("--variant", default="qlora")
     parser.add_argument("--impls", default="fastlm,hf")
     parser.add_argument("--timeline", action="store_true", help="also write one step's kernels in order")
+    parser.add_argument("--gap-causes", action="store_true", help="also write, for the longest GPU gaps, when the "
+                        "host launched the kernel after each and what it was doing (gap_causes)")
     add_ablation_arguments(parser)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -208,12 +272,12 @@ def main():
     results = []
     for impl in args.impls.split(","):
         try:
-            results.append(profile(impl, args.variant, path, args.batch, args.seq,
-                                   with_timeline=args.timeline))
+            results.append(profile(impl, args.variant, path, args.batch, args.seq, with_timeline=args.timeline,
+                                   trace_dir=args.out if args.gap_causes else None))
         except Exception as exc:
             results.append(dict(impl=impl, error=repr(exc)[:600]))
-        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops",
-                                                                            "longest_gaps", "timeline")}), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("top_kernels", "host_ops", "longest_gaps",
+                                                                            "timeline", "gap_causes")}), flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape, variant=args.variant,
                 batch=args.batch, seq=args.seq, ablations=ablations)
     os.makedirs(args.out, exist_ok=True)
@@ -225,6 +289,12 @@ def main():
             print(f"{r['impl']:7s} {k['ms']:8.2f} ms {k['calls']:5d}x {k['category']:14s} {k['name'][:90]}")
         for g in r.get("longest_gaps", []):
             print(f"{r['impl']:7s} idle {g['us']:8.1f} us after {g['after'][:60]} / before {g['before'][:60]}")
+        causes = r.get("gap_causes", {})
+        print(f"{r['impl']:7s} gaps >= 100 us: host late {causes.get('host_late_ms_per_step')} ms/step, GPU waited "
+              f"otherwise {causes.get('gpu_waited_ms_per_step')} ms/step")
+        for g in causes.get("gaps", []):
+            print(f"{r['impl']:7s} gap {g['us']:8.1f} us launch at {g['launch_us']} us in {g['launched_in'][-3:]}; "
+                  f"host: {g['host_busy'][:4]}")
         for k in r.get("host_ops", [])[:12]:
             print(f"{r['impl']:7s} host {k['self_cpu_ms']:8.2f} ms {k['calls']:5d}x {k['name'][:90]}")
 

@@ -6,7 +6,8 @@ same run (issue 4). Seeded random weights at a real shape are saved once to /tmp
 Per variant: 3 warm-up + N timed AdamW steps, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, gradient
 checkpointing, bf16 autocast. Reports tokens/s, ms/step, MFU (flops_per_token at the measured 790 TFLOP/s),
 peak allocated/reserved GiB during training (loading's own peak apart; timed_*: the timed steps only, after the
-warm-up steps in which fastlm captures its CUDA graphs), loss at step 0 and at the last step.
+warm-up steps in which fastlm captures its CUDA graphs), loss at step 0 and at the last step; with --back-to-back N
+also the mean time of N more steps run in a row without the per-step synchronization (back_to_back_steps).
 """
 import argparse
 import cProfile
@@ -140,8 +141,28 @@ def right_padding(batch: int, length: int, pad_fraction: float, device) -> Optio
     return mask
 
 
+def back_to_back_steps(one_step, length: int, steps: int, batch: int) -> dict:
+    """The same training step run `steps` times in a row with one synchronization at the end, as a training loop
+    runs it (the timed steps above synchronize before and after each, so each one's host work before its first
+    kernel and after its last is GPU idle time): 3 steps first (pinned host buffers for a host running ahead), then
+    the mean step time, tokens/s and the peak memory of the `steps` timed ones."""
+    for _ in range(3):
+        one_step(length)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step(length)
+    torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    return dict(back_to_back_ms=round(ms, 1), back_to_back_tokens_per_s=round(batch * length / (ms / 1000)),
+                back_to_back_peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                back_to_back_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                back_to_back_loss_last=round(loss.item(), 4))
+
+
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0, offloads=None, fp32=False, pad_fraction=0.0):
+                prompt_fraction=0.0, offloads=None, fp32=False, pad_fraction=0.0, back_to_back=0):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -156,6 +177,21 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     losses, times = [], []
+
+    def one_step(length: int) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not fp32):
+            step_ids = ids[:, :length]
+            labels = step_ids.clone()
+            labels[:, :int(prompt_fraction * labels.shape[1])] = -100  # a prompt the loss ignores
+            mask = right_padding(batch, step_ids.shape[1], pad_fraction, step_ids.device)
+            if mask is not None:  # padding: no labels there, as collators make it
+                labels = labels.masked_fill(mask == 0, -100)
+            loss = model(input_ids=step_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     profiler = cProfile.Profile() if cprofile_to else None
     warm_up_peaks = None
     for step in range(3 + steps):
@@ -166,17 +202,7 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
             profiler.enable()  # the timed steps only: where the host's time goes
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not fp32):
-            step_ids = ids[:, :per_step[step]]
-            labels = step_ids.clone()
-            labels[:, :int(prompt_fraction * labels.shape[1])] = -100  # a prompt the loss ignores
-            mask = right_padding(batch, step_ids.shape[1], pad_fraction, step_ids.device)
-            if mask is not None:  # padding: no labels there, as collators make it
-                labels = labels.masked_fill(mask == 0, -100)
-            loss = model(input_ids=step_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = one_step(per_step[step])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
@@ -206,6 +232,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     row.update(pinned_allocs=host_stats.get("num_host_alloc"), pinned_frees=host_stats.get("num_host_free"),
                pinned_alloc_ms=round(host_stats.get("host_alloc_time.total", 0) / 1000, 1),
                device_frees=torch.cuda.memory_stats().get("num_device_free"))
+    if back_to_back:  # after the protocol's steps (their numbers above are unchanged by this)
+        row.update(back_to_back_steps(one_step, per_step[-1], back_to_back, batch))
     if prompt_fraction:
         row.update(prompt_fraction=prompt_fraction)
     if pad_fraction:
@@ -322,6 +350,9 @@ def main():
                         help="fastlm only: an fp32 model (dtype=torch.float32, 4-bit weights dequantized to fp32), no "
                              "autocast, TF32 off: the reference trajectory the bf16 runs' losses are compared with")
     parser.add_argument("--copies-in-flight", type=int, help="offloaded checkpointing's MAX_COPIES_IN_FLIGHT")
+    parser.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                        help="after the timed steps, N more run in a row with one synchronization at the end "
+                             "(back_to_back_steps): the step time without the per-step synchronization")
     add_ablation_arguments(parser)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
@@ -363,7 +394,8 @@ def main():
                 rows.append(run_variant(variant, path, fast, args.batch, args.seq, args.steps,
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction, pad_fraction=args.pad_fraction,
-                                        offloads=offloads if fast else None, fp32=args.fp32 and fast))
+                                        offloads=offloads if fast else None, fp32=args.fp32 and fast,
+                                        back_to_back=args.back_to_back))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
