@@ -112,13 +112,15 @@ def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: floa
     for the host; negative, the kernel was queued before the gap began and the GPU waited for something else, a
     stream or event wait), launched_in (the host ops enclosing that launch, outermost first), host_busy (the host ops
     and runtime calls overlapping the gap on the launching thread, longest overlap first, with their overlap in us).
-    Also the gaps' total per step by whether the host was late (launch_us > 0.5 x us) or not."""
+    Also the gaps' total per step by whether the host was late (launch_us > 0.5 x us), not late, or unknown (no
+    launch call found for the kernel)."""
     with open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launch_calls = ("cuda_runtime", "cuda_driver")  # cuBLAS launches through the driver API
     runtime = {e["args"]["correlation"]: e for e in events
-               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation", "python_function")]
+               if e.get("cat") in launch_calls and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function") + launch_calls]
     gaps, end, last = [], None, None
     for e in kernels:
         if e["name"].lower().startswith(("memcpy", "memset")):
@@ -127,12 +129,14 @@ def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: floa
             gaps.append((e["ts"] - end, end, last, e))
         if end is None or e["ts"] + e["dur"] > end:
             end, last = e["ts"] + e["dur"], e
-    late_ms = waited_ms = 0.0
+    late_ms = waited_ms = unknown_ms = 0.0
     rows = []
     for us, start, after, before in sorted(gaps, key=lambda g: -g[0]):
         launch = runtime.get(before.get("args", {}).get("correlation"))
         launch_us = None if launch is None else launch["ts"] - start
-        if launch_us is not None and launch_us > 0.5 * us:
+        if launch_us is None:
+            unknown_ms += us / 1000 / profiled_steps
+        elif launch_us > 0.5 * us:
             late_ms += us / 1000 / profiled_steps
         else:
             waited_ms += us / 1000 / profiled_steps
@@ -140,7 +144,7 @@ def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: floa
             continue
         thread = None if launch is None else launch["tid"]
         enclosing = [] if launch is None else sorted(
-            (h for h in host if h["tid"] == thread and h["cat"] != "cuda_runtime"
+            (h for h in host if h["tid"] == thread and h["cat"] not in launch_calls
              and h["ts"] <= launch["ts"] <= h["ts"] + h["dur"]),
             key=lambda h: (h["ts"], -h["dur"]))
         busy = []
@@ -156,7 +160,8 @@ def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: floa
                          launched_in=[h["name"][:60] for h in enclosing][-6:],
                          host_busy=[f"{name[:60]} {overlap:.0f}" for overlap, name in busy[:8]]))
     return dict(gaps_over_min_per_step=round(len(gaps) / profiled_steps, 1),
-                host_late_ms_per_step=round(late_ms, 2), gpu_waited_ms_per_step=round(waited_ms, 2), gaps=rows)
+                host_late_ms_per_step=round(late_ms, 2), gpu_waited_ms_per_step=round(waited_ms, 2),
+                unknown_ms_per_step=round(unknown_ms, 2), gaps=rows)
 
 
 def memory_phases(model, ids, optimizer) -> dict:
@@ -290,8 +295,9 @@ def main():
         for g in r.get("longest_gaps", []):
             print(f"{r['impl']:7s} idle {g['us']:8.1f} us after {g['after'][:60]} / before {g['before'][:60]}")
         causes = r.get("gap_causes", {})
-        print(f"{r['impl']:7s} gaps >= 100 us: host late {causes.get('host_late_ms_per_step')} ms/step, GPU waited "
-              f"otherwise {causes.get('gpu_waited_ms_per_step')} ms/step")
+        if causes:
+            print(f"{r['impl']:7s} gaps >= 100 us: host late {causes['host_late_ms_per_step']} ms/step, GPU waited "
+                  f"otherwise {causes['gpu_waited_ms_per_step']}, launch not found {causes['unknown_ms_per_step']}")
         for g in causes.get("gaps", []):
             print(f"{r['impl']:7s} gap {g['us']:8.1f} us launch at {g['launch_us']} us in {g['launched_in'][-3:]}; "
                   f"host: {g['host_busy'][:4]}")
