@@ -162,7 +162,7 @@ def back_to_back_steps(one_step, length: int, steps: int, batch: int) -> dict:
 
 
 def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None, lengths=None,
-                prompt_fraction=0.0, offloads=None, fp32=False, pad_fraction=0.0, back_to_back=0):
+                prompt_fraction=0.0, offloads=None, fp32=False, pad_fraction=0.0, back_to_back=0, host_timing=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # from the variant before (should be ~0)
@@ -193,6 +193,10 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
         return loss
 
     profiler = cProfile.Profile() if cprofile_to else None
+    timing = None
+    if host_timing and fast:
+        from bench.host_timing import HostTiming
+        timing = HostTiming.install()
     warm_up_peaks = None
     for step in range(3 + steps):
         if step == 3:  # the warm-up steps' peaks (fastlm captures its CUDA graphs there), then the timed steps'
@@ -200,6 +204,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
             torch.cuda.reset_peak_memory_stats()
         if profiler is not None and step == 3:
             profiler.enable()  # the timed steps only: where the host's time goes
+        if timing is not None and step == 3:
+            timing.reset()
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = one_step(per_step[step])
@@ -232,6 +238,8 @@ def run_variant(variant, path, fast, batch, seq, steps, seed=0, cprofile_to=None
     row.update(pinned_allocs=host_stats.get("num_host_alloc"), pinned_frees=host_stats.get("num_host_free"),
                pinned_alloc_ms=round(host_stats.get("host_alloc_time.total", 0) / 1000, 1),
                device_frees=torch.cuda.memory_stats().get("num_device_free"))
+    if timing is not None:
+        row.update(host_timing=timing.per_step(steps))
     if back_to_back:  # after the protocol's steps (their numbers above are unchanged by this)
         row.update(back_to_back_steps(one_step, per_step[-1], back_to_back, batch))
     if prompt_fraction:
@@ -353,6 +361,8 @@ def main():
     parser.add_argument("--back-to-back", type=int, default=0, metavar="N",
                         help="after the timed steps, N more run in a row with one synchronization at the end "
                              "(back_to_back_steps): the step time without the per-step synchronization")
+    parser.add_argument("--host-timing", action="store_true",
+                        help="fastlm only: host time of the per-layer work in the timed steps (bench/host_timing.py)")
     add_ablation_arguments(parser)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = not args.fp32
@@ -395,7 +405,7 @@ def main():
                                         cprofile_to=cprofile_to if args.cprofile else None, lengths=lengths,
                                         prompt_fraction=args.prompt_fraction, pad_fraction=args.pad_fraction,
                                         offloads=offloads if fast else None, fp32=args.fp32 and fast,
-                                        back_to_back=args.back_to_back))
+                                        back_to_back=args.back_to_back, host_timing=args.host_timing))
                 if fast and args.ce_rows != "selected":
                     rows[-1].update(ce_rows=args.ce_rows)
                 if fast:
