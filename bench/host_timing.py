@@ -14,6 +14,9 @@ import functools
 import time
 
 
+_INSTALLED = None
+
+
 class HostTiming:
     def __init__(self):
         self.seconds = collections.defaultdict(float)
@@ -34,8 +37,13 @@ class HostTiming:
 
     @classmethod
     def install(cls) -> "HostTiming":
+        """The process's HostTiming, patched in at the first call (later calls return it: wrapping twice would
+        count twice)."""
+        global _INSTALLED
+        if _INSTALLED is not None:
+            return _INSTALLED
         from fastlm.training import layer_graphs, offload
-        timing = cls()
+        timing = _INSTALLED = cls()
         timing._wrap(offload.OffloadedCheckpoint, "__call__", "layer call (forward)")
         timing._wrap(offload._OffloadedCheckpointFunction, "backward", "layer backward", static=True)
         timing._wrap(layer_graphs.LayerGraphs, "plan", "graph plan")
