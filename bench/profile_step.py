@@ -57,25 +57,32 @@ def step(model, ids, optimizer):
     return loss
 
 
-def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12) -> dict:
-    """When no compute kernel ran: the union of the GPU kernels' intervals (copies and memsets left out: offloaded
-    checkpointing's copies run beside compute on a side stream), the idle time per step it leaves, and the longest
-    gaps between kernels, each with the kernels before and after it (where in the step the GPU waited)."""
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in device_events
-                     if not e.name.lower().startswith(("memcpy", "memset")))
+def _busy_and_gaps(kernels) -> tuple:
+    """(busy us, [(gap us, gap start, kernel before, kernel after)]) of the union of compute kernels' intervals.
+    kernels: (start us, end us, name, the kernel as the caller has it); copies and memsets (by name) are left out:
+    offloaded checkpointing's copies run beside compute on a side stream. "Before" is the kernel that ended last."""
+    kernels = sorted((k for k in kernels if not k[2].lower().startswith(("memcpy", "memset"))), key=lambda k: k[0])
     if not kernels:
-        return {}
+        return 0.0, []
     busy, gaps = 0.0, []
-    start, end, name = kernels[0]
-    for next_start, next_end, next_name in kernels[1:]:
+    start, end, _, last = kernels[0]
+    for next_start, next_end, _, kernel in kernels[1:]:
         if next_start > end:
             busy += end - start
-            gaps.append((next_start - end, name, next_name))
+            gaps.append((next_start - end, end, last, kernel))
             start = next_start
         if next_end > end:
-            end, name = next_end, next_name
-    busy += end - start
-    gaps.sort(key=lambda g: -g[0])
+            end, last = next_end, kernel
+    return busy + end - start, gaps
+
+
+def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12) -> dict:
+    """When no compute kernel ran (_busy_and_gaps): the idle time per step, and the longest gaps between kernels,
+    each with the kernels before and after it (where in the step the GPU waited)."""
+    busy, found = _busy_and_gaps((e.time_range.start, e.time_range.end, e.name, e.name) for e in device_events)
+    if not found and not busy:
+        return {}
+    gaps = sorted(((us, after, before) for us, _, after, before in found), key=lambda g: -g[0])
     # Idle ms per step in gaps of each size: many short ones are launch gaps between kernels (inside CUDA graphs
     # too), a few long ones are waits (the host, a copy, a sync).
     edges = (2, 5, 20, 100, 1000)
@@ -104,7 +111,7 @@ def idle_gaps(device_events, wall_ms: float, profiled_steps: int, top: int = 12)
 
 def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: float = 100.0) -> dict:
     """Why the GPU waited, from the profiler's chrome trace: for each of the `top` longest gaps between compute
-    kernels (copies and memsets left out, as in idle_gaps) of at least min_us, when the host launched the kernel
+    kernels (_busy_and_gaps, as idle_gaps) of at least min_us, when the host launched the kernel
     that ended it and what the host was doing meanwhile.
 
     Per gap: us (its length), after / before (the kernels around it), launch_us (when the host's launch call of the
@@ -116,19 +123,12 @@ def gap_causes(trace_path: str, profiled_steps: int, top: int = 16, min_us: floa
     launch call found for the kernel)."""
     with open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     launch_calls = ("cuda_runtime", "cuda_driver")  # cuBLAS launches through the driver API
     runtime = {e["args"]["correlation"]: e for e in events
                if e.get("cat") in launch_calls and "correlation" in e.get("args", {})}
     host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function") + launch_calls]
-    gaps, end, last = [], None, None
-    for e in kernels:
-        if e["name"].lower().startswith(("memcpy", "memset")):
-            continue
-        if end is not None and e["ts"] - end >= min_us:
-            gaps.append((e["ts"] - end, end, last, e))
-        if end is None or e["ts"] + e["dur"] > end:
-            end, last = e["ts"] + e["dur"], e
+    _, gaps = _busy_and_gaps((e["ts"], e["ts"] + e["dur"], e["name"], e) for e in events if e.get("cat") == "kernel")
+    gaps = [gap for gap in gaps if gap[0] >= min_us]
     late_ms = waited_ms = unknown_ms = 0.0
     rows = []
     for us, start, after, before in sorted(gaps, key=lambda g: -g[0]):
