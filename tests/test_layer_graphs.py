@@ -7,14 +7,15 @@ disabled, a new sequence length, and one layer run twice before a backward each 
 succeed beside DataLoader workers and their pin-memory thread.
 """
 import collections
+import weakref
 
 import pytest
 import torch
 
 from fastlm.training.checkpointing import set_gradient_checkpointing
 from fastlm.training.layer_graphs import (SEEN_SIGNATURES_KEPT, NotGraphable, LayerGraphs, _describe, _LayerEntry,
-                                          dropout_reason, _layer_state, _outputs_recorded, _substitute,
-                                          graphs_enabled)
+                                          _SharedBuffer, dropout_reason, _layer_state, _outputs_recorded,
+                                          _substitute, graphs_enabled)
 from fastlm.training.offload import OffloadedCheckpoint
 from tests import test_offload_checkpointing as offload_tests
 from tests.test_offload_checkpointing import _batch, _layers
@@ -145,6 +146,19 @@ def test_switch(monkeypatch):
         OffloadedCheckpoint()
 
 
+def test_shared_buffer_holds_only_the_latest_output_unchanged():
+    """The static x is taken as holding a layer's input only when that input is, unmodified, the tensor the latest
+    forward replay returned (LayerGraph.forward records it); a copy of it, or it after an in-place change, is copied
+    in again."""
+    shared = _SharedBuffer(8, torch.float32, torch.device("cpu"))
+    output = torch.ones(4)
+    assert not shared.holds(output)
+    shared.output = (weakref.ref(output), output._version)
+    assert shared.holds(output) and not shared.holds(output.clone())
+    output.add_(1)
+    assert not shared.holds(output)
+
+
 def test_cpu_layers_are_never_graphed(tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("the model loads onto the GPU here")
@@ -187,7 +201,9 @@ def _assert_close(actual, expected, what):
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type, precision", [("llama", "16bit"), ("llama", "4bit"), ("gemma2", "16bit"),
                                                    ("qwen3", "4bit"), ("phi3", "16bit"), ("qwen2", "16bit")])
-def test_gpu_graphed_training_equals_eager(tiny_checkpoint, model_type, precision):
+def test_gpu_graphed_training_equals_eager(tiny_checkpoint, model_type, precision, monkeypatch):
+    held, holds = [], _SharedBuffer.holds
+    monkeypatch.setattr(_SharedBuffer, "holds", lambda self, x: (held.append(holds(self, x)), held[-1])[1])
     runs = {}
     for name in ("eager", "graphs"):
         model = _lora_model(tiny_checkpoint(model_type), precision)
@@ -195,6 +211,9 @@ def test_gpu_graphed_training_equals_eager(tiny_checkpoint, model_type, precisio
         runs[name] = _train(model, graphs)
         if graphs is not None:  # step 0 warms up, step 1 captures: every layer replays from then on
             assert graphs.captured() == len(_layers(model)), graphs.why_eager
+            # In steps 1-3 every layer after the first found its input, the forward replay before it's output, in
+            # the static x and skipped its copy in (step 1: when its capture loaded it); backward loads never do.
+            assert sum(held) == 3 * (len(_layers(model)) - 1), held
     torch.testing.assert_close(runs["graphs"][0], runs["eager"][0], rtol=GPU_RTOL, atol=0)
     _assert_close(runs["graphs"][1], runs["eager"][1], f"{model_type} {precision}")
 

@@ -24,7 +24,8 @@ The gated MLP with its LoRAs, one node too, is in fastlm.kernels.lora_mlp; it us
 (`_lora_terms`, `_project`, `_backward_group`, ...), workspaces and memo.
 
 Precision: all matmuls run in the compute dtype (x's dtype, or the autocast dtype inside autocast), the
-fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B are cast back to their dtype. In
+fp32 LoRA matrices cast to it (B as s * B, one rounding); gradients of A/B come in fp32 on CUDA
+(`lora_grad_product`) or the compute dtype elsewhere, and are cast to A's/B's dtype where that differs. In
 fp32 this equals PEFT to rounding; in bf16 it rounds at other places than PEFT does (the LoRA term added to the
 base product inside one GEMM's fp32 accumulation, with beta = 1, or, folded, both summed before one rounding; the
 activation rounded once) and is as accurate: tests/test_fused_lora.py (bf16 autocast) and tests/test_patching.py
@@ -452,6 +453,17 @@ def _forward_group(x2, bases, As, Bs, scales, dtype, side_by_side=False):
     return _project(x2, bases, As, xa_all, b_bd, dtype, side_by_side), xa_all, a_all, b_bd
 
 
+def lora_grad_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (P, M) @ b (M, Q), a sum over M rows that makes a LoRA gradient (dA, dB or a block's share of one). On CUDA
+    with 16-bit operands the result is fp32: cuBLAS writes its fp32 accumulators unrounded, and the fp32 A and B
+    (PEFT's default) then take their gradients without a cast kernel. Elsewhere the operands' dtype (PyTorch's CPU
+    matmul has no fp32 output for 16-bit operands). Every path to one gradient (blocked or not, folded or not) makes
+    it with this function, so they agree to the bit (tests/kernels/test_lora.py)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
 def _split_da(da_all, As, need_a) -> list:
     """dA_i (A_i's dtype, None where not needed) from the stacked dA_all (R, K)."""
     dAs, col = [None] * len(As), 0
@@ -512,9 +524,10 @@ def _backward_group(d_all, x_source, xa_all, a_all, b_bd, bases, As, Bs, scales,
         # Inline, not kept in a local: x_source() may make x (the MLP's hidden state for down, (M, I)) just for
         # this product, and it must be freed before dx (as large) is allocated below (RESULTS run 17: +128 MiB
         # at Llama-3.2-1B's peak when it was kept).
-        dAs = _split_da(dyb.T @ (x_source() if callable(x_source) else x_source), As, need_a)   # (R, K) stacked
+        dAs = _split_da(lora_grad_product(dyb.T, x_source() if callable(x_source) else x_source), As,
+                        need_a)                             # (R, K) stacked
     if with_lora and any(need_b):
-        dBs = _split_db(d_all.T @ xa_all, As, Bs, scales, [base.shape[0] for base in bases], need_b)
+        dBs = _split_db(lora_grad_product(d_all.T, xa_all), As, Bs, scales, [base.shape[0] for base in bases], need_b)
     if need_dx:
         dx = input_grad(d_all, dyb) if input_grad is not None else \
             _plus_lora_term(_base_input_grad(d_all, bases, dtype), dyb, a_all)

@@ -33,7 +33,7 @@ from fastlm.kernels._utils import use_triton
 from fastlm.kernels.lora import (LoRA, _backward_group, _base_input_grad, _block_diagonal_b, _compute_dtype,
                                  _flat_adapters, _foldable, _folded_weight, _input_grad_foldable, _lora_input_product,
                                  _lora_terms, _pairs, _plus_lora_term, _project, _recomputing, _split_da, _split_db,
-                                 _stacked_a, _stacked_weight, reference_projection)
+                                 _stacked_a, _stacked_weight, lora_grad_product, reference_projection)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -150,6 +150,24 @@ class _DownGrad:
         return _plus_lora_term(dy_rows @ self.weight, dyb_rows, self.a_down)
 
 
+def _add_block_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b (first block) or acc + a @ b (later blocks), for acc (P, Q) fp32 summing one LoRA-gradient
+    product per block of rows, a (P, M_b) and b (M_b, Q) in the compute dtype, each product as lora_grad_product
+    makes it (so one block gives the unblocked node's bits). On CUDA with 16-bit operands ONE cuBLAS GEMM writing
+    fp32 (beta 0 for the first block, so acc needs no zeroing; 1 after): no 16-bit temporary, no add kernel (at
+    Llama-3.2-1B, batch 4, 8 add and 2 fill kernels per layer fewer: bench/RESULTS.md run 118). Elsewhere the
+    product in the operands' dtype, then added."""
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif first:
+        acc.copy_(a @ b)
+    else:
+        acc += a @ b
+
+
 def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_bases, down_base, As, Bs, scales,
                           activation, dtype, need_dx, need_a, need_b):
     """(dAs, dBs, dx) of the MLP when its forward saved x (M, H) and the rank-r products only (a recomputation for
@@ -163,8 +181,8 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
 
     Per block: gate | up (M_b, 2I); dh = dy W_d + (dy s_d B_d) A_d; the activation's backward writes dgate | dup
     over gate | up and h over dh (for dA_down); dx, (d s B) and the dB of the in-projections from dgate | dup.
-    dA_down and dB_in are sums over blocks (each block's product rounded to the compute dtype once, summed in
-    fp32); dA_in and dB_down are one GEMM each over all rows from the (M, r)-sized factors kept across blocks."""
+    dA_down and dB_in are sums over blocks in fp32 (_add_block_product); dA_in and dB_down are one GEMM each over
+    all rows from the (M, r)-sized factors kept across blocks."""
     n_in, (m, k), inner = len(in_bases), x2.shape, down_base.shape[1]
     widths = [base.shape[0] for base in in_bases]
     in_lora, down_lora = a_all is not None, a_down is not None
@@ -172,43 +190,45 @@ def _mlp_backward_by_rows(dy2, x2, xa_all, a_all, b_bd, ha, a_down, b_down, in_b
     dyb_down = dy2 @ b_down if down_lora and (need_dh or need_a[n_in]) else None        # (M, r_d)
     dyb_in = torch.empty(m, a_all.shape[0], dtype=dtype, device=x2.device) \
         if in_lora and need_dh and (need_dx or any(need_a[:n_in])) else None            # (M, R)
-    da_down = torch.zeros(a_down.shape, dtype=torch.float32, device=x2.device) \
+    new_sum = torch.empty if m else torch.zeros  # _add_block_product writes the first block's product whole
+    da_down = new_sum(a_down.shape, dtype=torch.float32, device=x2.device) \
         if down_lora and need_a[n_in] else None                                            # (r_d, I)
-    db_in = torch.zeros(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
+    db_in = new_sum(sum(widths), a_all.shape[0], dtype=torch.float32, device=x2.device) \
         if in_lora and need_dh and any(need_b[:n_in]) else None                          # (2I, R)
     dx = torch.empty(m, k, dtype=dtype, device=x2.device) if need_dx else None
     # Each weight materialized once for all blocks (gate | up: _GateUp; down: _DownGrad).
     gate_up = _GateUp(in_bases, As[:n_in], b_bd, dtype, hold=True)
     down_grad = _DownGrad(down_base, a_down, dtype) if need_dh else None
     h_from_backward = da_down is not None and need_dh and H_FROM_BACKWARD  # h for dA_down written over dh
-    for rows in _row_blocks(m, inner):
+    for block, rows in enumerate(_row_blocks(m, inner)):
         y_in = gate_up.outputs(x2[rows], None if xa_all is None else xa_all[rows])
         gate, up = y_in.chunk(2, dim=-1)
         if da_down is not None and not h_from_backward:
-            da_down += dyb_down[rows].T @ activation_forward(gate, up, activation)
+            _add_block_product(da_down, dyb_down[rows].T, activation_forward(gate, up, activation), block == 0)
         if not need_dh:
             continue
         dh = down_grad(dy2[rows], None if dyb_down is None else dyb_down[rows])
         # y_in now holds dgate | dup, and dh (read first) h, where dA_down needs it
         activation_backward(dh, gate, up, activation, inplace=True, h_out=dh if h_from_backward else None)
         if h_from_backward:
-            da_down += dyb_down[rows].T @ dh
+            _add_block_product(da_down, dyb_down[rows].T, dh, block == 0)
         del dh
         if db_in is not None:
-            db_in += y_in.T @ xa_all[rows]
+            _add_block_product(db_in, y_in.T, xa_all[rows], block == 0)
         if dyb_in is not None:
             torch.mm(y_in, b_bd, out=dyb_in[rows])
         if need_dx:
             _plus_lora_term(gate_up.input_grad(y_in, out=dx[rows]), None if dyb_in is None else dyb_in[rows], a_all)
     dAs, dBs = [None] * (n_in + 1), [None] * (n_in + 1)
     if dyb_in is not None and any(need_a[:n_in]):
-        dAs[:n_in] = _split_da(dyb_in.T @ x2, As[:n_in], need_a[:n_in])
+        dAs[:n_in] = _split_da(lora_grad_product(dyb_in.T, x2), As[:n_in], need_a[:n_in])
     if db_in is not None:
         dBs[:n_in] = _split_db(db_in, As[:n_in], Bs[:n_in], scales[:n_in], widths, need_b[:n_in])
     if da_down is not None:
         dAs[n_in] = da_down.to(As[n_in].dtype)
     if down_lora and need_b[n_in]:
-        dBs[n_in] = _split_db(dy2.T @ ha, As[n_in:], Bs[n_in:], scales[n_in:], [down_base.shape[0]], [True])[0]
+        dBs[n_in] = _split_db(lora_grad_product(dy2.T, ha), As[n_in:], Bs[n_in:], scales[n_in:],
+                              [down_base.shape[0]], [True])[0]
     return dAs, dBs, dx
 
 
@@ -288,7 +308,7 @@ class _MLPFn(torch.autograd.Function):
                 dgate, dup = activation_backward(dh, gate, up, ctx.activation, ctx.inplace,
                                                  h_out=dh if fuse_h else None)
                 if fuse_h:
-                    (dA_down,) = _split_da(dyb_down.T @ dh, As[n_in:], [True])
+                    (dA_down,) = _split_da(lora_grad_product(dyb_down.T, dh), As[n_in:], [True])
                 del dh
                 d_all = y_in if ctx.inplace else torch.cat([dgate, dup], dim=-1)  # (M, 2I), gate | up
                 gate_up = _GateUp(ctx.in_bases, As[:n_in], b_bd, dtype, hold=False) if need[0] else None

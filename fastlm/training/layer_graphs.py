@@ -25,8 +25,8 @@ only its own x A^T products to the pool.
 Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/sin, mask, position ids) and the
 flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
 on one stream); x and dy are views of one buffer per device and dtype shared by all signatures (_static_pair).
-Before a replay the inputs are copied in (a bound tensor only when it is not the one already there, dy only when
-it is not already in grad); after it the results are copied out (x's output, dx, one copy of the flat gradients
+Before a replay the inputs are copied in (a bound tensor only when it is not the one already there, x only when it
+is not the output the latest forward replay left in x, dy only when it is not already in grad); after it the results are copied out (x's output, dx, one copy of the flat gradients
 whose slices become the parameters' gradients), except dx for a layer fed directly by the graphed layer before it:
 that layer's backward, next, reads it from grad itself (LayerGraph.backward's static_dx). Everything else a graph
 allocates lives in one private memory pool per device shared by all graphs, reused from graph to graph; it is
@@ -163,20 +163,40 @@ def dropout_reason(layer: nn.Module) -> Optional[str]:
     return None
 
 
+class _SharedBuffer:
+    """One device's static buffer that the x and grad of every signature are views of (LayerGraphs._static_pair),
+    and what its x part holds: `output` is (weakref, version) of the tensor the latest forward replay returned
+    (LayerGraph.forward's copy of what the replay wrote over x), None once anything else wrote there."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.zeros(numel, dtype=dtype, device=device)
+        self.output = None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        """Whether x is, unchanged, the output of the latest forward replay, whose values are still in x's part."""
+        return self.output is not None and self.output[0]() is x and self.output[1] == x._version
+
+
 class _Statics:
     """Static inputs/outputs shared by the layer graphs of one signature: x (B, T, H) (the forward's output is
-    written over it), grad (B, T, H) (dy in, dx out), both views of the device's shared static buffer (see
-    LayerGraphs._static_pair), and one buffer per bound tensor."""
+    written over it), grad (B, T, H) (dy in, dx out), both views of the device's shared static buffer (`shared`,
+    see LayerGraphs._static_pair), and one buffer per bound tensor."""
 
-    def __init__(self, x: torch.Tensor, grad: torch.Tensor, bound: list):
-        self.x, self.grad = x, grad
+    def __init__(self, x: torch.Tensor, grad: torch.Tensor, shared: _SharedBuffer, bound: list):
+        self.x, self.grad, self.shared = x, grad, shared
         self.bound = [torch.empty_like(t) for t in bound]
         self.sources = [None] * len(bound)  # (weakref, version) of the tensor each bound buffer holds
         self.last_output = None  # weakref to the output the latest forward replay over these statics returned
 
     @torch.no_grad()  # a copy tracked by autograd into a view would give the shared buffer, and every view, a grad_fn
     def load(self, x: torch.Tensor, bound: list) -> None:
-        self.x.copy_(x)
+        """Copy x and the bound tensors in, each unless its buffer holds it already: x when it is the output of the
+        latest forward replay (the layer before, a graph too, feeding this one: its values are still in the shared
+        x, where every signature's x starts; 15 copies of 32 MiB per step at Llama-3.2-1B batch 4, bench/RESULTS.md
+        run 118), a bound tensor when it is the one copied last time."""
+        if not self.shared.holds(x):
+            self.x.copy_(x)
+        self.shared.output = None  # a replay comes next and may write x
         for i, (buffer, tensor) in enumerate(zip(self.bound, bound)):
             held = self.sources[i]
             if held is not None and held[0]() is tensor and held[1] == tensor._version:
@@ -210,6 +230,7 @@ class LayerGraph:
         self.generation += 1
         output = self.statics.x.clone()
         self.statics.last_output = weakref.ref(output)
+        self.statics.shared.output = (weakref.ref(output), output._version)
         return output, [buffer.clone() for buffer in self.saved]
 
     def backward(self, x: torch.Tensor, bound: list, grad_output: Optional[torch.Tensor], static_dx: bool = False,
@@ -278,7 +299,7 @@ class LayerGraphs:
     def __init__(self):
         self._layers = weakref.WeakKeyDictionary()  # layer module -> _LayerEntry
         self._statics = {}   # signature of the arguments -> _Statics
-        self._shared = {}    # (device, dtype) -> the static buffer x and grad of every signature are views of
+        self._shared = {}    # (device, dtype) -> _SharedBuffer: x and grad of every signature are views of it
         self._shared_saved = {}  # (device, dtype) -> the static buffer of the saved tensors (_saved_views)
         self._flats = {}     # (device, dtype, total) -> flat gradient buffer
         self._pools = {}     # device -> graph memory pool handle
@@ -375,21 +396,24 @@ class LayerGraphs:
         return None
 
     def _static_pair(self, x: torch.Tensor) -> tuple:
-        """(x, grad): two (B, T, H) views, at offsets 0 and x.numel(), of one buffer shared by every signature on
-        x's device and dtype, replaced by a new one (zeroed, exactly 2 x.numel()) when a signature needs more.
+        """(x, grad, the _SharedBuffer): two (B, T, H) views, at offsets 0 and x.numel(), of one buffer shared by every
+        signature on x's device and dtype, replaced by a new one (zeroed, exactly 2 x.numel()) when a signature needs
+        more.
 
         Sharing is safe because replays run one at a time on one stream and each replay copies in all it reads
-        (LayerGraph.forward / backward): no signature's values live in x or grad between its replays. So the static
+        (LayerGraph.forward / backward) but what is there already (_Statics.load: the latest forward replay's
+        output, tracked per buffer, whichever signature's views read it): no signature's values live in x or grad
+        between its replays. So the static
         memory is the largest signature's when it comes first, and never more than the sum over signatures (batches
         of 16 length buckets from 64 to 2048 tokens would sum to 6x the longest's). A graph keeps the buffer it was
         captured with alive through its views.
         """
         key = (x.device, x.dtype)
-        buffer = self._shared.get(key)
-        if buffer is None or buffer.numel() < 2 * x.numel():
-            buffer = self._shared[key] = torch.zeros(2 * x.numel(), dtype=x.dtype, device=x.device)
+        shared = self._shared.get(key)
+        if shared is None or shared.buffer.numel() < 2 * x.numel():
+            shared = self._shared[key] = _SharedBuffer(2 * x.numel(), x.dtype, x.device)
         n = x.numel()
-        return buffer[:n].view(x.shape), buffer[n:2 * n].view(x.shape)
+        return shared.buffer[:n].view(x.shape), shared.buffer[n:2 * n].view(x.shape), shared
 
     def _saved_views(self, like: list) -> list:
         """Static tensors for `like`, [(shape, dtype, device)] of the saved tensors of a layer's forward

@@ -632,6 +632,38 @@ def test_copy_into_rows_of_a_wider_matrix(dtype, k, width, offset, device):
     assert torch.equal(rest, torch.full_like(rest, 7.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_gradient_products_are_fp32_on_cuda(dtype, device):
+    """lora_grad_product (a LoRA gradient's sum over rows) and the blocked MLP's _add_block_product (3 blocks of 50
+    rows, odd widths). On CUDA both are the fp32 sum of the exact 16-bit products: within 1e-5 of the largest entry
+    of the fp64 result (fp32 accumulation over 150 terms errs ~1e-7 relative; the output rounded to the operands'
+    dtype, as before, would err up to 2^-9 (bf16) or 2^-12 (fp16) relative, 50x and 25x that), and one block gives
+    lora_grad_product's bits. Elsewhere each is the product in the operands' dtype, as PyTorch's matmul makes it,
+    the blocks' products summed in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(150, 13, generator=gen).to(device, dtype)
+    b = torch.randn(150, 37, generator=gen).to(device, dtype)
+    blocks = [slice(0, 50), slice(50, 100), slice(100, 150)]
+    whole = op.lora_grad_product(a.T, b)
+    summed, one_block = (torch.empty(13, 37, dtype=torch.float32, device=device) for _ in range(2))
+    for i, rows in enumerate(blocks):
+        mlp._add_block_product(summed, a[rows].T, b[rows], first=i == 0)
+    mlp._add_block_product(one_block, a.T, b, first=True)
+    if device == "cuda":
+        exact = a.double().T @ b.double()
+        assert whole.dtype == torch.float32 and torch.equal(one_block, whole)
+        for name, got in (("whole", whole), ("by blocks", summed)):
+            error = float((got.double() - exact).abs().max() / exact.abs().max())
+            assert error <= 1e-5, f"{name}: {error:.3g} of the largest entry"
+    else:
+        assert whole.dtype == dtype and torch.equal(whole, a.T @ b)
+        assert torch.equal(one_block, whole.float())
+        expected = (a[blocks[0]].T @ b[blocks[0]]).float()
+        for rows in blocks[1:]:
+            expected += a[rows].T @ b[rows]
+        assert torch.equal(summed, expected)
+
+
 def test_mlp_row_blocks():
     """Blocks of MLP_ROW_BLOCK_ELEMENTS / I rows, a multiple of 128 once that large, the last one shorter."""
     assert mlp._row_blocks(8192, 8192) == [slice(s, s + 2048) for s in range(0, 8192, 2048)]
