@@ -7,6 +7,7 @@ disabled, a new sequence length, and one layer run twice before a backward each 
 succeed beside DataLoader workers and their pin-memory thread.
 """
 import collections
+import gc
 import weakref
 
 import pytest
@@ -421,3 +422,58 @@ def test_gpu_capture_beside_dataloader_workers(tiny_checkpoint):
         optimizer.zero_grad(set_to_none=True)
     assert graphs.broken is None, graphs.broken
     assert graphs.captured() == len(_layers(model)), graphs.why_eager
+
+
+@pytest.mark.gpu
+def test_gpu_capture_survives_collection_of_another_models_graphs(tiny_checkpoint, monkeypatch):
+    """Another model's layer graphs, garbage in a reference cycle, collected by Python's cyclic garbage collector
+    while a layer is being captured would be destroyed mid-capture, which invalidates it (bench/RESULTS.md run 119).
+    Here the old model becomes cyclic garbage inside the new model's first capture, and a collection runs there
+    whenever the automatic collector could run (it is on): every layer of the new model is still captured, and the
+    old graphs are freed afterwards."""
+    from fastlm.training import layer_graphs
+
+    old = _lora_model(tiny_checkpoint("llama"), "16bit")
+    old_graphs = LayerGraphs()
+    _loss_and_grads(old, _batch("cuda"), old_graphs, calls=2)
+    assert old_graphs.captured() == len(_layers(old)), old_graphs.why_eager
+    freed = weakref.ref(old_graphs)
+    cycle = [old, old_graphs]
+    cycle.append(cycle)  # only the cyclic collector can free it once `box` lets go
+    box = {"garbage": cycle}
+    del old, old_graphs, cycle
+    take_saved, collected_inside = layer_graphs.take_saved, []
+
+    def take_saved_dropping_the_old_model(memo):  # called inside the forward graph's capture
+        if box and torch.cuda.is_current_stream_capturing():
+            box.clear()
+            if gc.isenabled():  # the automatic collector may run at any allocation here: let it
+                collected_inside.append(gc.collect())
+        return take_saved(memo)
+
+    monkeypatch.setattr(layer_graphs, "take_saved", take_saved_dropping_the_old_model)
+    model = _lora_model(tiny_checkpoint("llama"), "16bit")
+    graphs = LayerGraphs()
+    _loss_and_grads(model, _batch("cuda"), graphs, calls=2)
+    assert not box, "the old model was not dropped during a capture: the test did not test anything"
+    assert graphs.broken is None and not collected_inside, graphs.broken
+    assert graphs.captured() == len(_layers(model)), graphs.why_eager
+    gc.collect()
+    assert freed() is None, "the old model's graphs were never freed"
+
+
+def test_no_cyclic_gc_restores_the_collector():
+    """_no_cyclic_gc turns the collector off inside, and back to how it was after, exceptions included."""
+    from fastlm.training.layer_graphs import _no_cyclic_gc
+
+    was = gc.isenabled()
+    try:
+        for before in (True, False):
+            (gc.enable if before else gc.disable)()
+            with pytest.raises(KeyError):
+                with _no_cyclic_gc():
+                    assert not gc.isenabled()
+                    raise KeyError("inside")
+            assert gc.isenabled() == before
+    finally:
+        (gc.enable if was else gc.disable)()

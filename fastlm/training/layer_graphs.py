@@ -53,6 +53,7 @@ read when offloaded checkpointing is set up (get_peft_model, or set_gradient_che
 """
 import contextlib
 import functools
+import gc
 import logging
 import os
 import weakref
@@ -533,13 +534,33 @@ def _capturing(cuda_graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream
     (num_workers > 0), breaks the capture and fails in that thread, which then raises on the next batch (PyTorch
     documents thread_local for this; pytorch/pytorch#174724). Every capture of the supported families succeeded
     under "global" (bench/RESULTS.md run 22), so no other thread calls CUDA unsafely in them and the graphs are the
-    same."""
-    with torch.cuda.stream(stream):
+    same.
+
+    Python's cyclic garbage collector is off during the capture (_no_cyclic_gc): torch.cuda.graph's gc.collect()
+    before each capture is left out with the rest."""
+    with torch.cuda.stream(stream), _no_cyclic_gc():
         cuda_graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             yield
         finally:
             cuda_graph.capture_end()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Python's cyclic garbage collector off within the block, then as it was. A collection inside a capture can
+    destroy CUDA graphs that became garbage in a reference cycle (another model's, an earlier LayerGraphs'): a graph's
+    destruction is not permitted while this thread captures, and it invalidates the capture (bench/RESULTS.md run
+    119: the capture of a qwen3 layer failed amid ~60 "operation not permitted when stream is capturing (function
+    reset)" warnings, the graphs of the test's previous model being freed). torch.cuda.graph runs gc.collect()
+    before each capture instead: a full collection per capture, 2 per layer and signature."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _outputs_recorded(layer: nn.Module) -> bool:
