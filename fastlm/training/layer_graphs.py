@@ -26,8 +26,9 @@ Buffers: x (B, T, H), dy (B, T, H), the tensors bound as keyword arguments (cos/
 flat gradient buffer are static tensors shared by every layer graph of one signature (the graphs run one at a time
 on one stream); x and dy are views of one buffer per device and dtype shared by all signatures (_static_pair).
 Before a replay the inputs are copied in (a bound tensor only when it is not the one already there, x only when it
-is not the output the latest forward replay left in x, dy only when it is not already in grad); after it the results are copied out (x's output, dx, one copy of the flat gradients
-whose slices become the parameters' gradients), except dx for a layer fed directly by the graphed layer before it:
+is not the output the latest forward replay left in x, dy only when it is not already in grad); after it the
+results are copied out (x's output, dx, one copy of the flat gradients whose slices become the parameters'
+gradients), except dx for a layer fed directly by the graphed layer before it:
 that layer's backward, next, reads it from grad itself (LayerGraph.backward's static_dx). Everything else a graph
 allocates lives in one private memory pool per device shared by all graphs, reused from graph to graph; it is
 reserved, not allocated, memory for torch.cuda's statistics (bench/RESULTS.md reports both).
@@ -404,10 +405,9 @@ class LayerGraphs:
         Sharing is safe because replays run one at a time on one stream and each replay copies in all it reads
         (LayerGraph.forward / backward) but what is there already (_Statics.load: the latest forward replay's
         output, tracked per buffer, whichever signature's views read it): no signature's values live in x or grad
-        between its replays. So the static
-        memory is the largest signature's when it comes first, and never more than the sum over signatures (batches
-        of 16 length buckets from 64 to 2048 tokens would sum to 6x the longest's). A graph keeps the buffer it was
-        captured with alive through its views.
+        between its replays. So the static memory is the largest signature's when it comes first, and never more
+        than the sum over signatures (batches of 16 length buckets from 64 to 2048 tokens would sum to 6x the
+        longest's). A graph keeps the buffer it was captured with alive through its views.
         """
         key = (x.device, x.dtype)
         shared = self._shared.get(key)
