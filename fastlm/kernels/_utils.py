@@ -85,6 +85,12 @@ def device_props(device: torch.device):
     return _props[device.index]
 
 
+def gemm_writes_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a @ b can come out of cuBLAS in fp32 (torch.mm / torch.addmm with out_dtype=torch.float32): CUDA
+    operands of one 16-bit dtype. PyTorch's CPU matmul has no fp32 output for 16-bit operands."""
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with unit column stride (a view when the layout allows)."""
     if t.dim() != 2:  # (a 2-D input skips the reshape: each ATen call is ~5-20 us of host time)

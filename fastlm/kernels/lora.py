@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastlm.kernels._utils import gemm_writes_fp32
 from fastlm.kernels.nf4 import dequantize_nf4, reference_torch
 
 _workspaces = {}  # (dtype, device, slot) -> flat tensor: the dequantized frozen weight of the moment
@@ -459,7 +460,7 @@ def lora_grad_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (PEFT's default) then take their gradients without a cast kernel. Elsewhere the operands' dtype (PyTorch's CPU
     matmul has no fp32 output for 16-bit operands). Every path to one gradient (blocked or not, folded or not) makes
     it with this function, so they agree to the bit (tests/kernels/test_lora.py)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+    if gemm_writes_fp32(a, b):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a @ b
 

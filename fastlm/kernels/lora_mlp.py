@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastlm.kernels import geglu, swiglu
-from fastlm.kernels._utils import use_triton
+from fastlm.kernels._utils import gemm_writes_fp32, use_triton
 from fastlm.kernels.lora import (LoRA, _backward_group, _base_input_grad, _block_diagonal_b, _compute_dtype,
                                  _flat_adapters, _foldable, _folded_weight, _input_grad_foldable, _lora_input_product,
                                  _lora_terms, _pairs, _plus_lora_term, _project, _recomputing, _split_da, _split_db,
@@ -157,7 +157,7 @@ def _add_block_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, firs
     fp32 (beta 0 for the first block, so acc needs no zeroing; 1 after): no 16-bit temporary, no add kernel (at
     Llama-3.2-1B, batch 4, 8 add and 2 fill kernels per layer fewer: bench/RESULTS.md run 118). Elsewhere the
     product in the operands' dtype, then added."""
-    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+    if gemm_writes_fp32(a, b):
         if first:
             torch.mm(a, b, out_dtype=torch.float32, out=acc)
         else:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels._utils import next_power_of_2, num_warps_for
+from fastlm.kernels._utils import gemm_writes_fp32, next_power_of_2, num_warps_for
 
 # Bytes of one weight block copied to the GPU, and the cap of one block's logits (rows x block): 32 MiB. Measured on
 # the H200: pinned host -> device copies alone reach 51.6 GB/s at 8 MiB, 53.8 at 32 MiB, 54.9 at 128 MiB (run 58,
@@ -101,7 +101,7 @@ def block_rows_for(host_weight: torch.Tensor, block_bytes: int = None) -> int:
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (n, H) fp32 += a (n, K) @ b (K, H), a and b in the model dtype: products exact and summed in fp32,
     one rounding into acc (cuBLAS' bf16/fp16 -> fp32 matmul on CUDA; upcast operands elsewhere, same result)."""
-    if acc.is_cuda and a.dtype != torch.float32:
+    if gemm_writes_fp32(a, b):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
