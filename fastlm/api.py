@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from fastlm.export.merge import attach_save_methods
 from fastlm.loading.load import load_model_and_tokenizer
 from fastlm.models.registry import DEFAULT_TARGET_MODULES
 from fastlm.state import base_model_of, state_of
@@ -119,7 +120,8 @@ class FastLanguageModel:
             **kwargs: passed to transformers' AutoModelForCausalLM.from_pretrained (e.g. attn_implementation).
 
         Returns:
-            (model, tokenizer): a transformers PreTrainedModel (a PeftModel when model_name is an adapter).
+            (model, tokenizer): a transformers PreTrainedModel (a PeftModel when model_name is an adapter), with
+            Unsloth's `model.save_pretrained_merged(dir, tokenizer, save_method=...)` (fastlm.export.merge).
 
         Raises:
             FileNotFoundError: missing path, directory with no config.json / adapter / .gguf, missing weights.
@@ -142,7 +144,7 @@ class FastLanguageModel:
         for name in ("use_exact_model_name", "unsloth_tiled_mlp", "offload_embedding", "offload_lm_head"):
             if not isinstance(given[name], bool):
                 raise TypeError(f"{name} must be True or False, got {given[name]!r}.")
-        return load_model_and_tokenizer(
+        model, tokenizer = load_model_and_tokenizer(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
             load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit, full_finetuning=full_finetuning, token=token,
             device_map=device_map, rope_scaling=rope_scaling, fix_tokenizer=fix_tokenizer,
@@ -151,6 +153,8 @@ class FastLanguageModel:
             float32_mixed_precision=float32_mixed_precision, random_state=random_state,
             tiled_mlp=unsloth_tiled_mlp, offload_embedding=offload_embedding, offload_lm_head=offload_lm_head,
             explicit=_explicit, model_kwargs=kwargs)
+        attach_save_methods(model)
+        return model, tokenizer
 
     @staticmethod
     def get_peft_model(
@@ -181,16 +185,18 @@ class FastLanguageModel:
 
         Returns:
             A peft.PeftModel; the model itself, unchanged, when it was loaded with full_finetuning=True or already
-            has the same adapter.
+            has the same adapter. Either has `save_pretrained_merged` (fastlm.export.merge).
 
         Raises:
             ValueError / TypeError: bad values, unknown target modules (the message lists the model's), or an
             existing adapter with other settings.
         """
-        return add_lora(model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
-                        use_rslora=use_rslora, loftq_config=loftq_config, modules_to_save=modules_to_save,
-                        kwargs=dict(kwargs))
+        model = add_lora(model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+                         use_rslora=use_rslora, loftq_config=loftq_config, modules_to_save=modules_to_save,
+                         kwargs=dict(kwargs))
+        attach_save_methods(model)
+        return model
 
     @staticmethod
     def for_inference(model):

@@ -1,0 +1,237 @@
+"""model.save_pretrained_merged (fastlm/export/merge.py): the merged checkpoint loads with plain transformers and
+computes what the LoRA model computes; "lora" writes PEFT's adapter; bad arguments and failed saves."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastlm import FastLanguageModel
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODES = {"4bit": dict(load_in_4bit=True), "8bit": dict(load_in_8bit=True), "16bit": dict(load_in_16bit=True)}
+# fp32 on the CPU: the merged layer computes x (W + s B A)^T where the LoRA model computes x W^T + s (x A^T) B^T, the
+# same sums reassociated (K <= 128 terms: ~1e-6 relative). A missing or doubled LoRA term moves the logits by more
+# than 1e-2 (each test checks that premise), NF4 / int8 weights read other than as bitsandbytes reads them by more.
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def _lora_model(checkpoint, mode="16bit", targets=TARGETS, **lora):
+    # On the CPU in fp32 also on a GPU machine (test_gpu_... covers CUDA). max_seq_length within the tiny configs'
+    # 256 positions: no RoPE stretching, so the checkpoint as saved is the model's base (the "lora" test loads it;
+    # Phi-3's config accepts no linear stretch on reload)
+    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=256, dtype=torch.float32,
+                                                         device_map="cpu", **MODES[mode])
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=targets, **lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B starts at zero: give every adapter an update that shows in the logits
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return model.eval(), tokenizer
+
+
+def _logits(model, tokenizer):
+    batch = tokenizer(["Paris is the capital of France.", "One, two, three."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def _without_adapters(model, tokenizer):
+    with model.disable_adapter():
+        return _logits(model, tokenizer)
+
+
+def _reloaded(directory):
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def _saved_layers(model, tokenizer, directory):
+    """Save merged; per LoRA layer (name, its saved weight, bitsandbytes' fp32 reading of the NF4 / int8 base,
+    (B @ A) * scaling in fp32)."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    model.save_pretrained_merged(str(directory), tokenizer)
+    saved = load_file(str(directory / "model.safetensors"))
+    layers = []
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_A"):
+            weight = layer.get_base_layer().weight
+            if getattr(weight, "quant_state", None) is not None:
+                base = bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+            else:
+                base = weight.data.float() * (weight.SCB.float() / 127.0).unsqueeze(1)
+            lora_a, lora_b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+            key = name.removeprefix("base_model.model.") + ".weight"
+            layers.append((name, saved[key], base, (lora_b @ lora_a) * layer.scaling["default"]))
+    assert len(layers) == 2 * len(TARGETS)
+    return layers
+
+
+@pytest.mark.parametrize("model_type, mode", [("llama", "16bit"), ("llama", "4bit"), ("phi3", "4bit"),
+                                              ("qwen2", "16bit"), ("gemma2", "4bit")])
+def test_merged_16bit_computes_what_the_lora_model_computes(tiny_checkpoint, tmp_path, model_type, mode):
+    model, tokenizer = _lora_model(tiny_checkpoint(model_type), mode, targets="all-linear")
+    expected = _logits(model, tokenizer)
+    assert (expected - _without_adapters(model, tokenizer)).abs().max() > 1e-2, "premise: the adapters matter"
+    model.save_pretrained_merged(str(tmp_path), tokenizer)
+
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = _reloaded(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(model_type))
+    assert set(merged.state_dict()) == set(plain.state_dict())
+    torch.testing.assert_close(_logits(merged, tokenizer), expected, **TOLERANCE)
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged")), "the model itself was merged"
+    torch.testing.assert_close(_logits(model, tokenizer), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_merged_weights_are_the_dequantized_base_plus_the_update(tiny_checkpoint, tmp_path, mode):
+    """Per layer, against bitsandbytes' own reading of the weight. (The 8-bit model's logits are no reference:
+    LLM.int8 also rounds the activations to int8, ~2e-3 here.)"""
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"), mode)
+    for name, saved, base, update in _saved_layers(model, tokenizer, tmp_path):
+        # fp32 both ways: the base read the same way, the same update added
+        torch.testing.assert_close(saved, base + update, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "llama"])  # tied and untied embeddings
+def test_trained_embeddings_are_saved_and_ties_kept(tiny_checkpoint, tmp_path, model_type):
+    model, tokenizer = _lora_model(tiny_checkpoint(model_type), "4bit", targets=TARGETS + ["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:  # the trained copies (tied: one tensor for both)
+                param.add_(0.05)
+    expected = _logits(model, tokenizer)
+    model.save_pretrained_merged(str(tmp_path), tokenizer)
+    merged = _reloaded(tmp_path)
+    assert merged.config.tie_word_embeddings == (model_type == "gemma")
+    torch.testing.assert_close(_logits(merged, tokenizer), expected, **TOLERANCE)
+
+
+def test_lora_method_saves_peft_adapter(tiny_checkpoint, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"))
+    model.save_pretrained_merged(str(tmp_path), tokenizer, save_method="lora")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path))
+    assert "model.safetensors" not in os.listdir(tmp_path)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama")), tmp_path)
+    torch.testing.assert_close(_logits(reloaded.eval(), tokenizer), _logits(model, tokenizer), **TOLERANCE)
+
+
+def test_shards_and_a_later_single_file_save(tiny_checkpoint, tmp_path):
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"), "4bit")
+    expected = _logits(model, tokenizer)
+    model.save_pretrained_merged(str(tmp_path), tokenizer, max_shard_size="100KB")
+    shards = sorted(n for n in os.listdir(tmp_path) if n.startswith("model-"))
+    assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        assert set(json.load(f)["weight_map"].values()) == set(shards)
+    torch.testing.assert_close(_logits(_reloaded(tmp_path), tokenizer), expected, **TOLERANCE)
+
+    model.save_pretrained_merged(str(tmp_path), tokenizer)  # one file now: the shards and the index go
+    assert not any(n.startswith("model-") or n.endswith("index.json") for n in os.listdir(tmp_path))
+    torch.testing.assert_close(_logits(_reloaded(tmp_path), tokenizer), expected, **TOLERANCE)
+
+
+def test_a_failed_save_leaves_the_earlier_one_whole(tiny_checkpoint, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"))
+    model.save_pretrained_merged(str(tmp_path), tokenizer, max_shard_size="100KB")
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    save_file, calls = safetensors.torch.save_file, []
+
+    def disk_full_at_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return save_file(*args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_second_shard)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained_merged(str(tmp_path), tokenizer, max_shard_size="100KB")
+    assert sorted(os.listdir(tmp_path)) == sorted(before), "files added or removed (a staging directory left?)"
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_other_ranks_write_nothing(tiny_checkpoint, tmp_path):
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"))
+    model.save_pretrained_merged(str(tmp_path / "out"), tokenizer, is_main_process=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arguments, error, words", [
+    (dict(save_method="merged_8bit"), ValueError, "save_method must be one of"),
+    (dict(save_method="merged_4bit"), NotImplementedError, "merged_16bit"),
+    (dict(push_to_hub=True), NotImplementedError, "upload_folder"),
+    (dict(token="hf_x"), TypeError, "token"),
+    (dict(safe_serialization=False), NotImplementedError, "safetensors"),
+    (dict(max_shard_size="lots"), ValueError, "max_shard_size"),
+])
+def test_bad_arguments_are_clear_errors(tiny_checkpoint, tmp_path, arguments, error, words):
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"))
+    with pytest.raises(error, match=words):
+        model.save_pretrained_merged(str(tmp_path / "out"), tokenizer, **arguments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmergeable_cases_are_clear_errors(tiny_checkpoint, tmp_path):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), max_seq_length=256,
+                                                         device_map="cpu", load_in_16bit=True)
+    with pytest.raises(ValueError, match="needs a model with a LoRA adapter"):
+        model.save_pretrained_merged(str(tmp_path / "a"), tokenizer, save_method="lora")
+    dora, _ = _lora_model(tiny_checkpoint("llama"), use_dora=True)
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        dora.save_pretrained_merged(str(tmp_path / "b"), tokenizer)
+    assert os.listdir(tmp_path / "b") == []
+    adapter_dir = tmp_path / "c"
+    dora.save_pretrained_merged(str(adapter_dir), tokenizer, save_method="lora")
+    with pytest.raises(ValueError, match="holds a PEFT adapter"):
+        dora.save_pretrained_merged(str(adapter_dir), tokenizer)
+
+
+def test_full_finetuning_model_saves_whole(tiny_checkpoint, tmp_path):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("qwen3"), max_seq_length=256,
+                                                         dtype=torch.float32, device_map="cpu",
+                                                         full_finetuning=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    expected = _logits(model.eval(), tokenizer)
+    model.save_pretrained_merged(str(tmp_path), tokenizer)
+    torch.testing.assert_close(_logits(_reloaded(tmp_path), tokenizer), expected, **TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_gpu_merged_after_fast_path_training_with_host_offloads(tiny_checkpoint, tmp_path):
+    """On CUDA, after training steps through fastlm's fast path (fused LoRA over NF4, offloaded checkpointing, CUDA
+    graphs) with the embedding and lm_head in host memory: every merged weight is bitsandbytes' bf16 reading of the
+    base plus the update, rounded once to bf16; the host-held lm_head is saved as loaded."""
+    from safetensors.torch import load_file
+
+    checkpoint = tiny_checkpoint("llama")
+    model, tokenizer = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=256, dtype=torch.bfloat16,
+                                                         offload_embedding=True, offload_lm_head=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=TARGETS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tokenizer(["Paris is the capital of France."] * 2, return_tensors="pt").to("cuda")
+    model.train()
+    for _ in range(3):
+        model(**batch, labels=batch.input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, saved, base, update in _saved_layers(model, tokenizer, tmp_path):
+        assert update.abs().max() > 0, "premise: training moved B"
+        assert torch.equal(saved, (base + update).to(torch.bfloat16).cpu()), name
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(os.path.join(checkpoint, "model.safetensors"))
+    assert torch.equal(saved["lm_head.weight"], original["lm_head.weight"].to(torch.bfloat16))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        assert torch.isfinite(merged(**batch).logits).all()
