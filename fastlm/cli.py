@@ -3,6 +3,7 @@
     fastlm [finetune] [options]     fine-tune; with no options, the default job (QLoRA on SmolLM2-135M-Instruct
                                     with the bundled data, held-out accuracy before and after)
     fastlm generate --model DIR "prompt"   answer a prompt from a model or an adapter directory
+    fastlm export --model DIR --out OUT    one plain checkpoint with the adapter merged (save_pretrained_merged)
     fastlm env                      versions and hardware, for bug reports
 
 Options of `finetune` may also come from `--config FILE.yaml` (the same keys, with underscores); values given on
@@ -110,6 +111,39 @@ def _generate_parser(sub) -> None:
     parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=False)
 
 
+def export(args) -> None:
+    """Load a model or adapter directory and write it with save_pretrained_merged (fastlm/export/merge.py). The
+    sequence length and precision default to those of the `fastlm finetune` run whose output directory it is
+    (its fastlm_config.json), else 2048 and NF4."""
+    from fastlm.api import FastLanguageModel
+    run = {}
+    run_file = os.path.join(args.model, CONFIG_FILE)
+    if os.path.isfile(run_file):
+        with open(run_file) as f:
+            run = json.load(f)
+    trained_in_4bit = run.get("load_in_4bit", True) and not run.get("load_in_16bit") and not run.get("full_finetuning")
+    four_bit = trained_in_4bit if args.load_in_4bit is None else args.load_in_4bit
+    max_seq_length = args.max_seq_length or run.get("max_seq_length", 2048)
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=max_seq_length,
+                                                         load_in_4bit=four_bit, load_in_16bit=not four_bit)
+    model.save_pretrained_merged(args.out, tokenizer, save_method=args.method, max_shard_size=args.max_shard_size)
+    print(f"fastlm: saved {args.method} to {args.out}")
+
+
+def _export_parser(sub) -> None:
+    parser = sub.add_parser("export", help="save a model or adapter directory as one merged checkpoint")
+    parser.add_argument("--model", required=True, help="model or adapter directory (e.g. a finetune output dir)")
+    parser.add_argument("--out", required=True, help="directory to write (created; other files in it are kept)")
+    parser.add_argument("--method", default="merged_16bit", choices=["merged_16bit", "lora"])
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--max-seq-length", type=int, default=None,
+                        help="as in training (default: the finetune run's, else 2048): beyond the model's positions "
+                             "RoPE is stretched, and saved so")
+    parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="merge into the NF4 base (default: as the finetune run trained, else yes); "
+                             "--no-load-in-4bit merges into the 16-bit base")
+
+
 def env() -> None:
     import torch
     lines = [f"python {platform.python_version()} on {platform.platform()}", f"torch {torch.__version__}"]
@@ -138,6 +172,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command")
     _finetune_parser(sub)
     _generate_parser(sub)
+    _export_parser(sub)
     sub.add_parser("env", help="print versions and hardware")
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["finetune"] + argv
@@ -146,6 +181,8 @@ def main(argv=None) -> None:
         env()
     elif args.command == "generate":
         generate(args)
+    elif args.command == "export":
+        export(args)
     else:
         from fastlm.training.finetune import run
         given = {k: v for k, v in vars(args).items() if k != "command"}

@@ -1,10 +1,11 @@
 """The `fastlm` command: the default job on a reduced setting, resume after an interruption, the one-line errors
-for bad input, --config YAML, `fastlm generate` and `fastlm env`."""
+for bad input, --config YAML, `fastlm generate`, `fastlm export` and `fastlm env`."""
 import json
 import os
 import shutil
 
 import pytest
+import torch
 
 from fastlm.cli import finetune_config, main
 from fastlm.training.callbacks import COMPLETE_MARKER
@@ -186,6 +187,29 @@ def test_generate_from_adapter(tiny_checkpoint, text_data, tmp_path, capsys):
     capsys.readouterr()
     main(["generate", "--model", str(out), "--max-new-tokens", "4", "example 1:"])
     assert capsys.readouterr().out.strip() != ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compares fp32 on the CPU; on CUDA the run and the merged "
+                    "checkpoint are bf16 (test_export.py's GPU test checks that merge bit for bit)")
+def test_export_merges_the_run_as_it_was_trained(tiny_checkpoint, text_data, tmp_path, capsys):
+    """`fastlm export` of a finetune output directory: 16-bit and max_seq_length 64 from the run's settings; the
+    merged checkpoint, loaded by plain transformers, computes what the adapter computes."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm import FastLanguageModel
+
+    out, merged_dir = tmp_path / "run", tmp_path / "merged"
+    main(_tiny_args(tiny_checkpoint("llama"), text_data, out, "--max-steps", "2", "--save-steps", "0"))
+    main(["export", "--model", str(out), "--out", str(merged_dir)])
+    assert f"saved merged_16bit to {merged_dir}" in capsys.readouterr().out
+    adapter, tokenizer = FastLanguageModel.from_pretrained(str(out), max_seq_length=64, load_in_16bit=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    batch = tokenizer(["example 3: word word"], return_tensors="pt")
+    with torch.no_grad():
+        expected, got = adapter.eval()(**batch).logits, merged.eval()(**batch).logits
+        with adapter.disable_adapter():
+            assert (adapter(**batch).logits - expected).abs().max() > 1e-3, "premise: training moved the adapter"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # fp32 on the CPU: test_export.py's bound
 
 
 @pytest.mark.gpu
