@@ -28,6 +28,21 @@ def test_gguf_file_and_directory_load_like_transformers(smollm2_gguf, smollm2_di
     assert model.config.tie_word_embeddings and tokenizer.chat_template
 
 
+def test_gguf_conversion_is_found_again_by_content(smollm2_gguf, smollm2_dir, tmp_path):
+    """A byte-identical copy elsewhere (another virtual environment's package) reuses the conversion; a file
+    with other bytes does not."""
+    import shutil
+
+    from fastlm.loading.gguf import _content_key, checkpoint_from_gguf
+
+    copy = tmp_path / os.path.basename(smollm2_gguf)
+    shutil.copyfile(smollm2_gguf, copy)
+    assert checkpoint_from_gguf(str(copy)) == smollm2_dir
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    assert _content_key(str(copy)) != _content_key(smollm2_gguf)
+
+
 def test_4bit_generation_knows_paris(smollm2_dir):
     model, tokenizer = FastLanguageModel.from_pretrained(smollm2_dir, max_seq_length=512, load_in_4bit=True)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
