@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from fastlm.export.merge import attach_save_methods
+from fastlm.export import attach_save_methods
 from fastlm.loading.load import load_model_and_tokenizer
 from fastlm.models.registry import DEFAULT_TARGET_MODULES
 from fastlm.state import base_model_of, state_of
@@ -121,7 +121,8 @@ class FastLanguageModel:
 
         Returns:
             (model, tokenizer): a transformers PreTrainedModel (a PeftModel when model_name is an adapter), with
-            Unsloth's `model.save_pretrained_merged(dir, tokenizer, save_method=...)` (fastlm.export.merge).
+            Unsloth's `model.save_pretrained_merged(dir, tokenizer, save_method=...)` and
+            `model.save_pretrained_gguf(dir, tokenizer, quantization_method=...)` (fastlm.export).
 
         Raises:
             FileNotFoundError: missing path, directory with no config.json / adapter / .gguf, missing weights.
@@ -185,7 +186,7 @@ class FastLanguageModel:
 
         Returns:
             A peft.PeftModel; the model itself, unchanged, when it was loaded with full_finetuning=True or already
-            has the same adapter. Either has `save_pretrained_merged` (fastlm.export.merge).
+            has the same adapter. Either has `save_pretrained_merged` and `save_pretrained_gguf` (fastlm.export).
 
         Raises:
             ValueError / TypeError: bad values, unknown target modules (the message lists the model's), or an

@@ -3,7 +3,8 @@
     fastlm [finetune] [options]     fine-tune; with no options, the default job (QLoRA on SmolLM2-135M-Instruct
                                     with the bundled data, held-out accuracy before and after)
     fastlm generate --model DIR "prompt"   answer a prompt from a model or an adapter directory
-    fastlm export --model DIR --out OUT    one plain checkpoint with the adapter merged (save_pretrained_merged)
+    fastlm export --model DIR --out OUT    one plain checkpoint with the adapter merged (save_pretrained_merged;
+                                    --method gguf: a GGUF file for llama.cpp, save_pretrained_gguf)
     fastlm env                      versions and hardware, for bug reports
 
 Options of `finetune` may also come from `--config FILE.yaml` (the same keys, with underscores); values given on
@@ -126,6 +127,10 @@ def export(args) -> None:
     max_seq_length = args.max_seq_length or run.get("max_seq_length", 2048)
     model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=max_seq_length,
                                                          load_in_4bit=four_bit, load_in_16bit=not four_bit)
+    if args.method == "gguf":
+        path = model.save_pretrained_gguf(args.out, tokenizer, quantization_method=args.quantization)
+        print(f"fastlm: saved gguf to {path}")
+        return
     model.save_pretrained_merged(args.out, tokenizer, save_method=args.method, max_shard_size=args.max_shard_size)
     print(f"fastlm: saved {args.method} to {args.out}")
 
@@ -134,8 +139,10 @@ def _export_parser(sub) -> None:
     parser = sub.add_parser("export", help="save a model or adapter directory as one merged checkpoint")
     parser.add_argument("--model", required=True, help="model or adapter directory (e.g. a finetune output dir)")
     parser.add_argument("--out", required=True, help="directory to write (created; other files in it are kept)")
-    parser.add_argument("--method", default="merged_16bit", choices=["merged_16bit", "lora"])
+    parser.add_argument("--method", default="merged_16bit", choices=["merged_16bit", "lora", "gguf"])
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--quantization", default="fast_quantized",
+                        help="with --method gguf: f32, f16, bf16, q8_0, not_quantized or fast_quantized (q8_0)")
     parser.add_argument("--max-seq-length", type=int, default=None,
                         help="as in training (default: the finetune run's, else 2048): beyond the model's positions "
                              "RoPE is stretched, and saved so")

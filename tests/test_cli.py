@@ -210,6 +210,11 @@ def test_export_merges_the_run_as_it_was_trained(tiny_checkpoint, text_data, tmp
         with adapter.disable_adapter():
             assert (adapter(**batch).logits - expected).abs().max() > 1e-3, "premise: training moved the adapter"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # fp32 on the CPU: test_export.py's bound
+    main(["export", "--model", str(out), "--out", str(merged_dir), "--method", "gguf", "--quantization", "f32"])
+    assert f"saved gguf to {merged_dir / 'model.F32.gguf'}" in capsys.readouterr().out
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(merged_dir), gguf_file="model.F32.gguf")
+    with torch.no_grad():
+        torch.testing.assert_close(gguf_model.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,10 @@
 """model.save_pretrained_merged (fastlm/export/merge.py): the merged checkpoint loads with plain transformers and
-computes what the LoRA model computes; "lora" writes PEFT's adapter; bad arguments and failed saves."""
+computes what the LoRA model computes; "lora" writes PEFT's adapter; bad arguments and failed saves.
+model.save_pretrained_gguf (fastlm/export/gguf.py): read back by transformers' GGUF loader."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -235,3 +237,105 @@ def test_gpu_merged_after_fast_path_training_with_host_offloads(tiny_checkpoint,
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         assert torch.isfinite(merged(**batch).logits).all()
+
+
+# GGUF (fastlm/export/gguf.py). transformers' GGUF loader is the reader here; llama.cpp read the same files the
+# same way by hand (scripts/gguf_llama_cpp_check.py, not in CI: llama-cpp-python compiles for minutes).
+def _gguf_reload(path):
+    from transformers import AutoTokenizer
+
+    directory, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+GGUF_TEXTS = ["Paris is the capital of France.", "It's 12345 o'clock!\n\n  Two  spaces,\ttabs and 3.14159."]
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("qwen2", {}), ("mistral", {}),
+                                                   ("qwen3", {"head_dim": 128})])  # transformers reads no head_dim
+def test_gguf_f32_reads_back_as_the_lora_model(tmp_path, model_type, overrides):
+    from tests.fixtures.tiny_models import save_tiny_model
+
+    checkpoint = save_tiny_model(model_type, str(tmp_path / "base"), **overrides)
+    model, tokenizer = _lora_model(checkpoint, "4bit")
+    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer, quantization_method="f32")
+    assert os.listdir(tmp_path / "gguf") == ["model.F32.gguf"]
+    reloaded, gguf_tokenizer = _gguf_reload(path)
+    for text in GGUF_TEXTS:
+        assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
+    torch.testing.assert_close(_logits(reloaded, tokenizer), _logits(model, tokenizer), **TOLERANCE)
+
+
+@pytest.mark.parametrize("method, type_name", [("f16", "F16"), ("bf16", "BF16"), ("fast_quantized", "Q8_0")])
+def test_gguf_types_hold_the_f32_file_quantized(tiny_checkpoint, tmp_path, method, type_name):
+    """Every tensor of the f16 / bf16 / q8_0 file is gguf-py's quantization of the f32 file's (checked above):
+    matrices in the type, vectors (norms) in f32, byte for byte."""
+    import gguf
+
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"), "4bit")
+    reference = gguf.GGUFReader(model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method="f32"))
+    typed_path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method=method)
+    assert typed_path == str(tmp_path / f"model.{type_name}.gguf")
+    typed = gguf.GGUFReader(typed_path)
+    exact = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reference.tensors}
+    assert [t.name for t in typed.tensors] == list(exact)
+    for tensor in typed.tensors:
+        want_type = gguf.GGMLQuantizationType[type_name] if exact[tensor.name].ndim == 2 else \
+            gguf.GGMLQuantizationType.F32
+        assert tensor.tensor_type == want_type, tensor.name
+        want = gguf.quants.quantize(exact[tensor.name], want_type)
+        assert np.asarray(tensor.data).tobytes() == want.tobytes(), tensor.name
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_gguf_names_the_pre_tokenizer(tiny_checkpoint, tmp_path, pre):
+    """Llama 3's and Qwen 2's splitting (digits by three or one by one), named as llama.cpp knows them; the GGUF
+    tokenizer transformers builds from the name tokenizes as the original."""
+    import gguf
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastlm.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from tests.fixtures.tiny_models import VOCAB
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(GGUF_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    model, _ = _lora_model(tiny_checkpoint("llama"))
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method="f32")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == pre
+    try:  # transformers >= 5.24 splits by the regex the name stands for; 5.17's GGUF loader ignores the name
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS  # noqa: F401
+    except ImportError:
+        pytest.skip("this transformers' GGUF tokenizer ignores tokenizer.ggml.pre (the name is checked above)")
+    _, gguf_tokenizer = _gguf_reload(path)
+    for text in GGUF_TEXTS:
+        assert gguf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer(text).input_ids
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("gemma", NotImplementedError, "GGUF export of gemma"),
+    ("stretched rope", NotImplementedError, "RoPE scaling"),
+    ("q4_k_m", NotImplementedError, "llama-quantize"),
+    ("q3", ValueError, "quantization_method must be one of"),
+    ("no tokenizer", TypeError, "needs the tokenizer"),
+    ("push_to_hub", NotImplementedError, "upload_folder"),
+    ("token", TypeError, "token"),
+])
+def test_gguf_errors_are_clear_and_write_nothing(tiny_checkpoint, tmp_path, case, error, words):
+    if case == "stretched rope":  # max_seq_length 2048 over 256 positions: linear RoPE scaling
+        model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("llama"), device_map="cpu")
+    else:
+        model, tokenizer = _lora_model(tiny_checkpoint("gemma" if case == "gemma" else "llama"))
+    arguments = {"q4_k_m": dict(quantization_method="q4_k_m"), "q3": dict(quantization_method="q3"),
+                 "push_to_hub": dict(push_to_hub=True), "token": dict(token="hf_x")}.get(case, {})
+    with pytest.raises(error, match=words):
+        model.save_pretrained_gguf(str(tmp_path / "out"), None if case == "no tokenizer" else tokenizer, **arguments)
+    assert not (tmp_path / "out").exists()

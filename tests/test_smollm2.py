@@ -43,6 +43,20 @@ def test_gguf_conversion_is_found_again_by_content(smollm2_gguf, smollm2_dir, tm
     assert _content_key(str(copy)) != _content_key(smollm2_gguf)
 
 
+def test_gguf_export_still_knows_paris(smollm2_dir, tmp_path):
+    """The real model with a LoRA adapter, written by save_pretrained_gguf as q8_0 and read back by transformers'
+    GGUF loader (its tokenizer too): greedy decoding still answers Paris. (llama.cpp 0.3.36 through
+    llama-cpp-python answered " Paris." from the same file: scripts/gguf_llama_cpp_check.py.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(smollm2_dir, max_seq_length=2048, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=8)
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method="q8_0")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    assert "Paris" in _greedy(reloaded, gguf_tokenizer, "The capital of France is")
+
+
 def test_4bit_generation_knows_paris(smollm2_dir):
     model, tokenizer = FastLanguageModel.from_pretrained(smollm2_dir, max_seq_length=512, load_in_4bit=True)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"

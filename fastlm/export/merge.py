@@ -13,7 +13,7 @@ Nothing of the model changes (the LoRA layers are not merged in place: training 
 into a staging directory inside `save_directory` and moved in one by one (os.replace; config.json last), so an
 interrupted save leaves the files of an earlier one whole, and other files in the directory are not touched.
 
-Public: save_pretrained_merged(model, ...), attach_save_methods(model).
+Public: save_pretrained_merged(model, ...); merged_weights and save_dtype (also used by fastlm/export/gguf.py).
 """
 import copy
 import json
@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import tempfile
-import types
 
 import torch
 from torch import nn
@@ -94,11 +93,6 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def attach_save_methods(model) -> None:
-    """Give this model instance `save_pretrained_merged` (as Unsloth's models have it); nothing else changes."""
-    model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
-
-
 def _size_in_bytes(size) -> int:
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
@@ -121,24 +115,44 @@ def _move_in(staging: str, directory: str, replaces_weights: bool) -> None:
                 os.remove(os.path.join(directory, name))
 
 
+def merged_weights(model, dtype: torch.dtype, written: set):
+    """(key, tensor) of the merged checkpoint, as transformers names them, floating tensors in `dtype`: each LoRA
+    layer's merged weight, the active trained copy of each modules_to_save module, quantized weights dense. With
+    tie_word_embeddings in the config, the output embedding is left out when it is the input embedding's tensor
+    (transformers ties it again when loading). Each key yielded is added to `written`."""
+    base = base_model_of(model)
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    output_key = _output_weight_key(base)
+    input_weight = base.get_input_embeddings().weight if tied else None
+    for key, tensor in _merged_tensors(base, dtype):
+        if tied and key == output_key and tensor is input_weight:
+            continue
+        written.add(key)
+        yield key, tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
+
+
+def output_untied(model, written: set) -> bool:
+    """Whether the config says tie_word_embeddings but merged_weights wrote the output embedding (trained apart)."""
+    base = base_model_of(model)
+    return bool(getattr(base.config, "tie_word_embeddings", False)) and _output_weight_key(base) in written
+
+
+def save_dtype(model) -> torch.dtype:
+    """The dtype of a merged checkpoint: the model's compute dtype (bf16 / fp16, fp32 for a model loaded in fp32)."""
+    state = state_of(model)
+    return state.precision.dtype if state is not None else base_model_of(model).dtype
+
+
 def _write_merged(model, directory: str, shard_bytes: int) -> None:
     """The merged weights (safetensors, sharded by shard_bytes), config.json and generation_config.json."""
     base = base_model_of(model)
-    state = state_of(model)
-    dtype = state.precision.dtype if state is not None else base.dtype
-    config = copy.deepcopy(base.config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    output_key = _output_weight_key(base)
-    input_weight = base.get_input_embeddings().weight if tied else None
-    writer = _ShardWriter(directory, shard_bytes)
-    for key, tensor in _merged_tensors(base, dtype):
-        if tied and key == output_key:
-            if tensor is input_weight:
-                continue  # transformers ties it again when loading
-            tied = False
-        writer.add(key, tensor.detach().to(dtype) if tensor.is_floating_point() else tensor)
+    dtype = save_dtype(model)
+    writer, written = _ShardWriter(directory, shard_bytes), set()
+    for key, tensor in merged_weights(model, dtype, written):
+        writer.add(key, tensor)
     writer.close()
-    if getattr(config, "tie_word_embeddings", False) and not tied:  # the output layer was trained apart from it
+    config = copy.deepcopy(base.config)
+    if output_untied(model, written):  # the output layer was trained apart from the input embedding
         config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
         del config.quantization_config
