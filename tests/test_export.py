@@ -199,6 +199,15 @@ def test_unmergeable_cases_are_clear_errors(tiny_checkpoint, tmp_path):
         dora.save_pretrained_merged(str(adapter_dir), tokenizer)
 
 
+def test_a_config_transformers_refuses_is_not_saved(tiny_checkpoint, tmp_path):
+    """Phi-3's config accepts no linear RoPE stretch (max_seq_length 2048 over its 256 positions) on reloading."""
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("phi3"), max_seq_length=2048,
+                                                         device_map="cpu", load_in_16bit=True)
+    with pytest.raises(ValueError, match="would not load the merged model's config.json"):
+        model.save_pretrained_merged(str(tmp_path), tokenizer)
+    assert os.listdir(tmp_path) == []
+
+
 def test_full_finetuning_model_saves_whole(tiny_checkpoint, tmp_path):
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_checkpoint("qwen3"), max_seq_length=256,
                                                          dtype=torch.float32, device_map="cpu",

@@ -147,19 +147,27 @@ def _write_merged(model, directory: str, shard_bytes: int) -> None:
     """The merged weights (safetensors, sharded by shard_bytes), config.json and generation_config.json."""
     base = base_model_of(model)
     dtype = save_dtype(model)
-    writer, written = _ShardWriter(directory, shard_bytes), set()
-    for key, tensor in merged_weights(model, dtype, written):
-        writer.add(key, tensor)
-    writer.close()
     config = copy.deepcopy(base.config)
-    if output_untied(model, written):  # the output layer was trained apart from the input embedding
-        config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
     if not getattr(config, "architectures", None):
         config.architectures = [type(base).__name__]
-    config.save_pretrained(directory)
+    try:  # what transformers refuses to write or to load again, refused before the weights take their time
+        config.save_pretrained(directory)
+        type(config).from_pretrained(directory)
+    except Exception as error:
+        raise ValueError(f"transformers would not load the merged model's config.json ({error}); nothing was "
+                         "written. A max_seq_length beyond max_position_embeddings stretches RoPE linearly, which "
+                         "some families' configs refuse (Phi-3's): load with a max_seq_length within the model's "
+                         "positions to merge.") from None
+    writer, written = _ShardWriter(directory, shard_bytes), set()
+    for key, tensor in merged_weights(model, dtype, written):
+        writer.add(key, tensor)
+    writer.close()
+    if output_untied(model, written):  # the output layer was trained apart from the input embedding
+        config.tie_word_embeddings = False
+        config.save_pretrained(directory)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(directory)
 
