@@ -139,7 +139,8 @@ def _export_parser(sub) -> None:
     parser = sub.add_parser("export", help="save a model or adapter directory as one merged checkpoint")
     parser.add_argument("--model", required=True, help="model or adapter directory (e.g. a finetune output dir)")
     parser.add_argument("--out", required=True, help="directory to write (created; other files in it are kept)")
-    parser.add_argument("--method", default="merged_16bit", choices=["merged_16bit", "lora", "gguf"])
+    parser.add_argument("--method", default="merged_16bit",
+                        choices=["merged_16bit", "merged_4bit_forced", "lora", "gguf"])
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument("--quantization", default="fast_quantized",
                         help="with --method gguf: f32, f16, bf16, q8_0, not_quantized or fast_quantized (q8_0)")

@@ -115,6 +115,28 @@ def test_trained_embeddings_are_saved_and_ties_kept(tiny_checkpoint, tmp_path, m
     torch.testing.assert_close(_logits(merged, tokenizer), expected, **TOLERANCE)
 
 
+def test_merged_4bit_forced_holds_the_nf4_quantization_of_the_merged_weights(tiny_checkpoint, tmp_path):
+    """Reloaded by plain transformers, in 4-bit from the saved quantization_config: each linear weight reads back
+    as bitsandbytes' NF4 quantization of the merged_16bit weight, exactly."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    model, tokenizer = _lora_model(tiny_checkpoint("llama"), "4bit")
+    model.save_pretrained_merged(str(tmp_path / "16"), tokenizer)
+    model.save_pretrained_merged(str(tmp_path / "4"), tokenizer, save_method="merged_4bit_forced")
+    merged = load_file(str(tmp_path / "16" / "model.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "4"), dtype=torch.float32).eval()
+    assert reloaded.config.quantization_config.load_in_4bit
+    linears = [(n, m) for n, m in reloaded.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert len(linears) == 2 * len(TARGETS)
+    for name, module in linears:
+        weight = module.weight
+        expected = bnbf.dequantize_4bit(*bnbf.quantize_4bit(merged[name + ".weight"], quant_type="nf4",
+                                                            compress_statistics=True))
+        assert torch.equal(bnbf.dequantize_4bit(weight.data, weight.quant_state), expected), name
+    assert _logits(reloaded, tokenizer).isfinite().all()
+
+
 def test_lora_method_saves_peft_adapter(tiny_checkpoint, tmp_path):
     from peft import PeftModel
 
@@ -171,7 +193,7 @@ def test_other_ranks_write_nothing(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("arguments, error, words", [
     (dict(save_method="merged_8bit"), ValueError, "save_method must be one of"),
-    (dict(save_method="merged_4bit"), NotImplementedError, "merged_16bit"),
+    (dict(save_method="merged_4bit"), ValueError, "merged_4bit_forced"),
     (dict(push_to_hub=True), NotImplementedError, "upload_folder"),
     (dict(token="hf_x"), TypeError, "token"),
     (dict(safe_serialization=False), NotImplementedError, "safetensors"),
@@ -246,6 +268,12 @@ def test_gpu_merged_after_fast_path_training_with_host_offloads(tiny_checkpoint,
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         assert torch.isfinite(merged(**batch).logits).all()
+    model.save_pretrained_merged(str(tmp_path / "4bit"), tokenizer, save_method="merged_4bit_forced")
+    quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path / "4bit")).eval()
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.is_cuda
+    with torch.no_grad():
+        assert torch.isfinite(quantized(**batch).logits).all()
 
 
 # GGUF (fastlm/export/gguf.py). transformers' GGUF loader is the reader here; llama.cpp read the same files the

@@ -7,7 +7,11 @@ save_method:
                     AutoModelForCausalLM.from_pretrained(dir) (and vLLM) load it without PEFT or bitsandbytes.
     "lora"          the adapter alone, as PEFT's save_pretrained writes it (adapter_config.json +
                     adapter_model.safetensors).
-    "merged_4bit", "merged_4bit_forced": not built (NotImplementedError).
+    "merged_4bit_forced"  the merged_16bit checkpoint quantized to NF4 (double quantization, the model's dtype as
+                    compute dtype, as from_pretrained(load_in_4bit=True) holds weights) by transformers + bitsandbytes
+                    on the model's device, saved with its quantization_config: from_pretrained(dir) loads it in 4-bit.
+                    Needs room for the 4-bit copy beside the model. Lossy: merge to 16-bit for anything derived later.
+    "merged_4bit"   refused (ValueError), as Unsloth does: say merged_4bit_forced to mean it.
 
 Nothing of the model changes (the LoRA layers are not merged in place: training can go on). The files are written
 into a staging directory inside `save_directory` and moved in one by one (os.replace; config.json last), so an
@@ -28,8 +32,7 @@ from torch import nn
 from fastlm.state import base_model_of, state_of
 from fastlm.kernels.lora import Int8Weight, NF4Weight
 
-SAVE_METHODS = ("merged_16bit", "lora")
-_NOT_BUILT = ("merged_4bit", "merged_4bit_forced")
+SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
@@ -45,7 +48,7 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
         save_directory: created if missing. For "merged_16bit" it must not hold a PEFT adapter
             (adapter_config.json: transformers would load that adapter instead of the merged weights).
         tokenizer: saved beside the weights when given.
-        save_method: "merged_16bit" (default) or "lora"; see the module docstring.
+        save_method: "merged_16bit" (default), "lora" or "merged_4bit_forced"; see the module docstring.
         push_to_hub: not built (NotImplementedError): save, then upload the directory with huggingface_hub.
         is_main_process: False writes nothing (the other ranks of a distributed run).
         max_shard_size: largest safetensors file, bytes or a string such as "5GB", "500MB", "2GiB"; larger
@@ -53,16 +56,18 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
         safe_serialization: only True (fastlm writes safetensors).
     Raises:
         TypeError: an argument this function does not take (Unsloth's others: token, state_dict, variant, ...).
-        ValueError: an unknown save_method, "lora" without an adapter, a bad max_shard_size, an adapter directory.
-        NotImplementedError: merged_4bit, push_to_hub=True, safe_serialization=False, or a layer fastlm cannot
+        ValueError: an unknown save_method or "merged_4bit" (see above), "lora" without an adapter, a bad
+            max_shard_size, an adapter directory.
+        NotImplementedError: push_to_hub=True, safe_serialization=False, or a layer fastlm cannot
             merge (DoRA, LoRA on embeddings or convolutions, other PEFT tuners): save_method="lora" saves those.
     """
     if unsupported:
         raise TypeError(f"save_pretrained_merged does not take {sorted(unsupported)}; it takes save_directory, "
                         "tokenizer, save_method, push_to_hub, is_main_process, max_shard_size, safe_serialization.")
-    if save_method in _NOT_BUILT:
-        raise NotImplementedError(f"save_method={save_method!r} is not built in fastlm yet; use 'merged_16bit' "
-                                  "(and quantize when loading) or 'lora'.")
+    if save_method == "merged_4bit":
+        raise ValueError("save_method='merged_4bit' rounds the merged weights to NF4 for good: a GGUF or 16-bit model "
+                         "made from it later keeps that loss. Save merged_16bit for those; to save 4-bit anyway, "
+                         "say save_method='merged_4bit_forced'.")
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method must be one of {', '.join(SAVE_METHODS)}, got {save_method!r}.")
     if push_to_hub:
@@ -77,18 +82,21 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
     if not is_main_process:
         return
     os.makedirs(save_directory, exist_ok=True)
-    if save_method == "merged_16bit" and os.path.exists(os.path.join(save_directory, "adapter_config.json")):
+    merged = save_method.startswith("merged")
+    if merged and os.path.exists(os.path.join(save_directory, "adapter_config.json")):
         raise ValueError(f"{save_directory} holds a PEFT adapter (adapter_config.json): transformers would load that "
                          "adapter instead of the merged weights. Save the merged model into another directory.")
     staging = tempfile.mkdtemp(prefix=".fastlm-save-", dir=save_directory)
     try:
         if save_method == "lora":
             model.save_pretrained(staging)
-        else:
+        elif save_method == "merged_16bit":
             _write_merged(model, staging, shard_bytes)
+        else:
+            _write_merged_4bit(model, staging, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _move_in(staging, save_directory, replaces_weights=save_method == "merged_16bit")
+        _move_in(staging, save_directory, replaces_weights=merged)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -170,6 +178,24 @@ def _write_merged(model, directory: str, shard_bytes: int) -> None:
         config.save_pretrained(directory)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(directory)
+
+
+def _write_merged_4bit(model, directory: str, shard_bytes: int) -> None:
+    """The merged_16bit checkpoint (in a temporary directory beside) loaded by transformers with fastlm's NF4
+    BitsAndBytesConfig on the model's device, saved with transformers' own 4-bit serialization."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm.loading.precision import Precision
+
+    dtype = save_dtype(model)
+    device = next(base_model_of(model).parameters()).device
+    with tempfile.TemporaryDirectory(prefix=".fastlm-16bit-", dir=directory) as merged_16bit:
+        _write_merged(model, merged_16bit, shard_bytes)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            merged_16bit, dtype=dtype, device_map={"": str(device)},
+            quantization_config=Precision("4bit", dtype, fp32_trainable=False).quantization_config())
+        quantized.save_pretrained(directory, max_shard_size=shard_bytes)
+        del quantized
 
 
 def _output_weight_key(base) -> str:
