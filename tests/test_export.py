@@ -125,8 +125,8 @@ def test_merged_4bit_forced_holds_the_nf4_quantization_of_the_merged_weights(tin
     model.save_pretrained_merged(str(tmp_path / "16"), tokenizer)
     model.save_pretrained_merged(str(tmp_path / "4"), tokenizer, save_method="merged_4bit_forced")
     merged = load_file(str(tmp_path / "16" / "model.safetensors"))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "4"), dtype=torch.float32).eval()
-    assert reloaded.config.quantization_config.load_in_4bit
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "4"), dtype=torch.float32, device_map="cpu")
+    assert reloaded.eval().config.quantization_config.load_in_4bit
     linears = [(n, m) for n, m in reloaded.named_modules() if type(m).__name__ == "Linear4bit"]
     assert len(linears) == 2 * len(TARGETS)
     for name, module in linears:
