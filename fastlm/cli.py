@@ -113,9 +113,16 @@ def _generate_parser(sub) -> None:
 
 
 def export(args) -> None:
-    """Load a model or adapter directory and write it with save_pretrained_merged (fastlm/export/merge.py). The
-    sequence length and precision default to those of the `fastlm finetune` run whose output directory it is
-    (its fastlm_config.json), else 2048 and NF4."""
+    """Load a model or adapter directory and write it with save_pretrained_merged or save_pretrained_gguf
+    (fastlm/export). The sequence length and precision default to those of the `fastlm finetune` run whose output
+    directory it is (its fastlm_config.json), else 2048 and NF4. What fastlm refuses is one line, no traceback."""
+    try:
+        _export(args)
+    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+        raise SystemExit(f"fastlm: export: {' '.join(str(err).split())}") from None
+
+
+def _export(args) -> None:
     from fastlm.api import FastLanguageModel
     run = {}
     run_file = os.path.join(args.model, CONFIG_FILE)

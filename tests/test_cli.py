@@ -1,5 +1,5 @@
 """The `fastlm` command: the default job on a reduced setting, resume after an interruption, the one-line errors
-for bad input, --config YAML, `fastlm generate`, `fastlm export` and `fastlm env`."""
+for bad input, --config YAML, `fastlm generate`, `fastlm export` (and its one-line refusals) and `fastlm env`."""
 import json
 import os
 import shutil
@@ -215,6 +215,14 @@ def test_export_merges_the_run_as_it_was_trained(tiny_checkpoint, text_data, tmp
     gguf_model = AutoModelForCausalLM.from_pretrained(str(merged_dir), gguf_file="model.F32.gguf")
     with torch.no_grad():
         torch.testing.assert_close(gguf_model.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refusals_are_one_line(tiny_checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"^fastlm: export: GGUF export of gemma models is not built"):
+        main(["export", "--model", tiny_checkpoint("gemma"), "--out", str(tmp_path / "g"), "--method", "gguf",
+              "--max-seq-length", "256"])
+    with pytest.raises(SystemExit, match=r"^fastlm: export: No such file or directory: .*missing"):
+        main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
 
 
 @pytest.mark.gpu
