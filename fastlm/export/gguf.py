@@ -15,7 +15,8 @@ quantization_method: "f32", "f16", "bf16", "q8_0" (matrices quantized by gguf-py
 quantizer; vectors stay f32, as llama.cpp's converter keeps them; a matrix whose rows are not a whole number of
 quantization blocks is stored f16), and Unsloth's names "not_quantized" (f16, or bf16 for a bf16 model) and
 "fast_quantized" (q8_0). "quantized" / "q4_k_m" and the other k-quants need llama.cpp's own quantizer tool:
-NotImplementedError. The file is written beside its final name and renamed into place when complete.
+NotImplementedError. The file is written in a staging directory and moved into place when complete
+(fastlm.loading.atomic.staged_files).
 """
 import json
 import logging
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from fastlm.export.merge import merged_weights, save_dtype
+from fastlm.loading.atomic import staged_files
 from fastlm.state import base_model_of
 
 logger = logging.getLogger("fastlm")
@@ -90,11 +92,10 @@ def save_pretrained_gguf(model, save_directory: str, tokenizer=None, quantizatio
     tokens = _tokenizer_fields(tokenizer, vocab_size)  # checked before anything is written
     if not is_main_process:
         return path
-    os.makedirs(save_directory, exist_ok=True)
-    partial = os.path.join(save_directory, f".{os.path.basename(path)}.partial-{os.getpid()}")
-    try:
+    with staged_files(save_directory) as staging:
         # use_temp_file: tensors wait in a temporary file, not in memory, until the header is written
-        writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]], use_temp_file=True)
+        writer = gguf.GGUFWriter(os.path.join(staging, os.path.basename(path)),
+                                 gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.arch]], use_temp_file=True)
         _add_model_fields(writer, base.config, vocab_size, qtype)
         _add_tokenizer_fields(writer, tokens)
         written = set()
@@ -112,10 +113,6 @@ def save_pretrained_gguf(model, save_directory: str, tokenizer=None, quantizatio
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return path
 
 

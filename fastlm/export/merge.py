@@ -14,8 +14,9 @@ save_method:
     "merged_4bit"   refused (ValueError), as Unsloth does: say merged_4bit_forced to mean it.
 
 Nothing of the model changes (the LoRA layers are not merged in place: training can go on). The files are written
-into a staging directory inside `save_directory` and moved in one by one (os.replace; config.json last), so an
-interrupted save leaves the files of an earlier one whole, and other files in the directory are not touched.
+into a staging directory inside `save_directory` and moved in one by one (fastlm.loading.atomic.staged_files;
+config.json last), so an interrupted save leaves the files of an earlier one whole, and other files in the
+directory are not touched.
 
 Public: save_pretrained_merged(model, ...); merged_weights and save_dtype (also used by fastlm/export/gguf.py).
 """
@@ -23,14 +24,14 @@ import copy
 import json
 import os
 import re
-import shutil
 import tempfile
 
 import torch
 from torch import nn
 
+from fastlm.loading.atomic import staged_files
 from fastlm.state import base_model_of, state_of
-from fastlm.kernels.lora import Int8Weight, NF4Weight
+from fastlm.training.fused_lora import readable_weight
 
 SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
 _WEIGHTS = "model.safetensors"
@@ -81,13 +82,11 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
                          "use save_method='merged_16bit' to save the whole model.")
     if not is_main_process:
         return
-    os.makedirs(save_directory, exist_ok=True)
     merged = save_method.startswith("merged")
     if merged and os.path.exists(os.path.join(save_directory, "adapter_config.json")):
         raise ValueError(f"{save_directory} holds a PEFT adapter (adapter_config.json): transformers would load that "
                          "adapter instead of the merged weights. Save the merged model into another directory.")
-    staging = tempfile.mkdtemp(prefix=".fastlm-save-", dir=save_directory)
-    try:
+    with staged_files(save_directory, last=("config.json",)) as staging:
         if save_method == "lora":
             model.save_pretrained(staging)
         elif save_method == "merged_16bit":
@@ -96,9 +95,9 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
             _write_merged_4bit(model, staging, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _move_in(staging, save_directory, replaces_weights=merged)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        written = set(os.listdir(staging))
+    if merged:
+        _remove_stale_weights(save_directory, written)
 
 
 def _size_in_bytes(size) -> int:
@@ -111,16 +110,12 @@ def _size_in_bytes(size) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _move_in(staging: str, directory: str, replaces_weights: bool) -> None:
-    """Move every file of `staging` into `directory` (config.json last); with replaces_weights, then remove weight
-    files of an earlier save that this one did not write (a single file after a sharded save, or the reverse)."""
-    names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
-    for name in names:
-        os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    if replaces_weights:
-        for name in os.listdir(directory):
-            if (name in (_WEIGHTS, _INDEX) or _SHARD.match(name)) and name not in names:
-                os.remove(os.path.join(directory, name))
+def _remove_stale_weights(directory: str, written: set) -> None:
+    """Remove the weight files of an earlier save that this one (`written`) did not write: a single file after a
+    sharded save, or the reverse."""
+    for name in os.listdir(directory):
+        if (name in (_WEIGHTS, _INDEX) or _SHARD.match(name)) and name not in written:
+            os.remove(os.path.join(directory, name))
 
 
 def merged_weights(model, dtype: torch.dtype, written: set):
@@ -241,21 +236,14 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _dense_weight(linear: nn.Linear, prefix: str) -> torch.Tensor:
     """The weight (N, K) of a plain, NF4 or int8 (bitsandbytes) linear layer in fp32 on its device, a new tensor;
-    quantized weights dequantized as bitsandbytes does (fastlm.kernels.lora's NF4Weight / Int8Weight)."""
+    quantized weights dequantized as bitsandbytes does (fastlm.training.fused_lora.readable_weight)."""
     weight = linear.weight
     if weight.is_floating_point():
         return weight.detach().float().clone()
-    state = getattr(weight, "quant_state", None)
-    scb = getattr(weight, "SCB", None)
-    if scb is None and getattr(linear, "state", None) is not None:
-        scb = getattr(linear.state, "SCB", None)
-    if state is not None and not getattr(state, "packing_format_for_cpu", False):
-        dense = NF4Weight(weight.data, state)
-    elif weight.dtype == torch.int8 and scb is not None:
-        dense = Int8Weight(weight.data, scb)
-    else:
+    dense, why = readable_weight(linear)
+    if dense is None:
         raise NotImplementedError(f"{prefix.rstrip('.')}: its {weight.dtype} weight cannot be read as a dense matrix "
-                                  "here; save the adapter with save_method='lora'.")
+                                  f"here ({why}); save the adapter with save_method='lora'.")
     return dense.materialize_into(torch.empty(dense.shape, dtype=torch.float32, device=weight.device))
 
 

@@ -49,12 +49,19 @@ def _bnb_classes():
 
 def frozen_weight(layer):
     """(FrozenWeight, None) for a supported frozen base layer, else (None, reason)."""
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if weight is not None and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None, "trainable base weight or bias"
+    return readable_weight(layer)
+
+
+def readable_weight(layer):
+    """(DenseWeight / NF4Weight / Int8Weight, None) reading the weight of a plain nn.Linear or a bitsandbytes 4-bit
+    or 8-bit linear layer, trainable or not (fastlm.export merges with it), else (None, reason)."""
     linear4, linear8 = _bnb_classes()
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if weight is None:
         return None, f"base layer {type(layer).__name__} unsupported"
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return None, "trainable base weight or bias"
     if linear4 and isinstance(layer, linear4):
         state = getattr(weight, "quant_state", None) or getattr(layer, "quant_state", None)
         if state is None or getattr(state, "packing_format_for_cpu", False):

@@ -2,9 +2,9 @@
 printed summary."""
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
+
+from fastlm.loading.atomic import staged_files
 
 
 def plot_loss_curve(steps: list, losses: list, path: str) -> Optional[str]:
@@ -31,19 +31,13 @@ def plot_loss_curve(steps: list, losses: list, path: str) -> Optional[str]:
 
 
 def save_final(model, tokenizer, metrics: dict, output_dir: str, metrics_file: str) -> None:
-    """Save the adapter (or the full model) and the tokenizer into a staging directory beside the files, move them
-    in one by one (os.replace), and write metrics.json last: a run with metrics.json is complete."""
-    staging = tempfile.mkdtemp(prefix=".final-", dir=output_dir)
-    try:
+    """Save the adapter (or the full model), the tokenizer and metrics.json through a staging directory
+    (fastlm.loading.atomic.staged_files), metrics.json moved in last: a run with metrics.json is complete."""
+    with staged_files(output_dir, last=(metrics_file,)) as staging:
         _save_model(model, staging)
         tokenizer.save_pretrained(staging)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         with open(os.path.join(staging, metrics_file), "w") as f:
             json.dump(metrics, f, indent=1)
-        os.replace(os.path.join(staging, metrics_file), os.path.join(output_dir, metrics_file))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_model(model, path: str) -> None:
